@@ -1,0 +1,56 @@
+"""`megaloom <command>`: the command-line entry point.
+
+Each command lives in its own module under `megaloom.commands` exposing `NAME`, `HELP`,
+`add_arguments(parser)` and `run(args) -> int`; this file only discovers and dispatches them.
+Errors the user can fix (`MegaloomError` and its kin) print one clear line and exit 2, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+import megaloom.commands as commands_pkg
+from megaloom import __version__
+from megaloom.errors import USER_ERRORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megaloom",
+        description="Train, fine-tune, evaluate and serve GPT-style language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"megaloom {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands_pkg.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands_pkg.__name__}.{info.name}")
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"megaloom {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megaloom {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,385 @@
+"""Typed run configuration: the one source of truth for every recipe, CLI override and saved run.
+
+Owns the dataclasses (`ModelConfig`, `DataConfig`, `TrainConfig`, `ParallelConfig`, `Config`),
+loading YAML recipes, applying `key.sub=value` overrides, strict validation (unknown keys and
+wrong types are errors that name the key and suggest close matches) and saving the resolved
+config beside a run. It must not import torch or build anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending key."""
+
+
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        position_embedding="learned",
+        norm="layernorm",
+        activation="gelu_tanh",
+        bias=True,
+        tie_embeddings=True,
+    ),
+    "llama": dict(
+        position_embedding="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        bias=False,
+        tie_embeddings=False,
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a GPT decoder.
+
+    `arch` fills every flavour field left as None: `gpt2` (learned positions, LayerNorm, GELU,
+    biases, tied embeddings) or `llama` (RoPE, RMSNorm, SwiGLU, no biases, untied).
+    """
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    ffn_hidden_size: int | None = None
+    seq_len: int = 256
+    vocab_size: int = 50257
+    make_vocab_size_divisible_by: int = 128
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    position_embedding: Literal["learned", "rope"] | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    activation: Literal["gelu_tanh", "gelu", "swiglu"] | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in ARCH_DEFAULTS[self.arch].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size, self.activation)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def validate(self) -> None:
+        _require(self.num_layers >= 1, "model.num_layers", "must be >= 1")
+        _require(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
+        _require(self.num_heads >= 1, "model.num_heads", "must be >= 1")
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}",
+        )
+        _require(
+            1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+            "model.num_kv_heads",
+            f"{self.num_kv_heads} must divide model.num_heads={self.num_heads}",
+        )
+        _require(
+            self.position_embedding != "rope" or self.head_dim % 2 == 0,
+            "model.hidden_size",
+            "RoPE needs an even head dimension (hidden_size / num_heads)",
+        )
+        _require(self.seq_len >= 1, "model.seq_len", "must be >= 1")
+        _require(self.vocab_size >= 1, "model.vocab_size", "must be >= 1")
+        _require(self.make_vocab_size_divisible_by >= 1, "model.make_vocab_size_divisible_by",
+                 "must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+
+
+def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
+    """4h for GELU; for SwiGLU 2/3 of 4h rounded up to a multiple of 256 (Llama's rule)."""
+    if activation != "swiglu":
+        return 4 * hidden_size
+    size = int(2 * 4 * hidden_size / 3)
+    return 256 * ((size + 255) // 256)
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from.
+
+    `prefixes` takes Megatron's form: a list of `.bin`/`.idx` path prefixes, optionally
+    alternating with weights (`[0.3, data/a, 0.7, data/b]`). Empty means the embedded default
+    corpus. `split` divides documents into train/valid/test by the given proportions.
+    """
+
+    prefixes: list[Any] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer: str | None = None
+    cache_dir: str = ".megaloom-cache"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, logging and checkpointing of a training run."""
+
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_steps: int | None = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
+    activation_checkpointing: bool = False
+    seed: int = 1234
+    device: str = "auto"
+    out_dir: str = "runs/tiny"
+    log_interval: int = 1
+    eval_interval: int = 50
+    eval_iters: int = 10
+    save_interval: int = 100
+    keep_last: int = 2
+    tensorboard: bool = False
+    init_from: str | None = None
+    compile: bool = False
+
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _require(self.eval_interval >= 1, "train.eval_interval", "must be >= 1")
+        _require(self.save_interval >= 1, "train.save_interval", "must be >= 1")
+        _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: tensor (`tp`) and pipeline (`pp`) sizes; data parallelism takes the rest
+    of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+
+    def validate(self) -> None:
+        _require(self.tp >= 1, "parallel.tp", "must be >= 1")
+        _require(self.pp >= 1, "parallel.pp", "must be >= 1")
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, training and parallel layout."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> Config:
+        self.model.validate()
+        self.train.validate()
+        self.parallel.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML, atomically."""
+        from megaloom.utils.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (or the defaults when `path` is None), apply `key.sub=value`
+    overrides, and return a validated `Config`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml_mapping(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw).validate()
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split `a.b=value`; the value is parsed as YAML (so `3e-4`, `true`, `[1, 2]` work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a `Config` from nested plain data, checking every key and type."""
+    return _build(Config, raw, prefix="")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
+                          f"got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {full!r}{_suggest(key, known, prefix)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    try:
+        return cls(**kwargs)
+    except KeyError as exc:
+        raise ConfigError(f"{prefix}arch: unknown value {exc}") from exc
+
+
+def _suggest(key: str, known: set[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.5)
+    if close:
+        return "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    return "; valid keys: " + ", ".join(sorted(prefix + k for k in known))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the annotation `hint`; ints are accepted where floats are wanted."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_hint,) = get_args(hint) or (Any,)
+        return [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - guards new annotation kinds
+        raise ConfigError(f"{key}: unsupported annotation {hint!r}")
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml_mapping",
+]

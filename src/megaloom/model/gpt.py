@@ -1,0 +1,277 @@
+"""The GPT decoder: GPT-2 and Llama flavours from one readable module, chosen by `ModelConfig`.
+
+Owns the layer definitions, initialisation and the forward pass. Parallelism is applied from
+outside (`megaloom.parallel`), so this file stays a plain single-device model:
+
+- `embed` (token embedding) and `pos_embed` are optional, as are `final_norm`/`lm_head`, so a
+  pipeline stage can drop what it does not own; `layers` is a `ModuleDict` keyed by the global
+  layer index, so parameter names do not depend on the layout.
+- Attention projects q, k and v with one fused `qkv` linear whose output columns are grouped
+  per kv head, Megatron-style: for each kv group, its query heads, then its key head, then its
+  value head. A contiguous split of those columns gives each tensor-parallel rank whole groups.
+- Logits cover the padded vocabulary; `lm_loss` and sampling ignore the padding ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megaloom.config import ModelConfig
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward attention inputs shared by every layer.
+
+    `positions` (batch, seq) index RoPE tables and learned position embeddings. `kv_cache`, when
+    given, is an object with `update(layer_index, k, v) -> (k_all, v_all)` that stores the new
+    keys/values (batch, kv_heads, seq, head_dim) and returns everything cached so far.
+    `attn_mask` is a boolean (batch, 1, q_len, kv_len) mask where True means "may attend"; when
+    None, plain causal attention over the current chunk is used.
+    """
+
+    positions: torch.Tensor
+    kv_cache: object | None = None
+    attn_mask: torch.Tensor | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables of shape (batch, 1, seq, head_dim) for rotate-half RoPE."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, half, device=positions.device, dtype=torch.float32)
+                              / half)
+    )
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (b, s, half)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, s, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped kv heads, SDPA kernels and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        qkv_width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_width, bias=config.bias)
+        self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size,
+                              bias=config.bias)
+
+    def forward(self, x_bsh: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, seq, _ = x_bsh.shape
+        q_per_kv = self.num_heads // self.num_kv_heads
+        # Groups are counted from the local weight so a tensor-parallel shard runs this code too.
+        kv_heads = self.qkv.out_features // ((q_per_kv + 2) * self.head_dim)
+        qkv = self.qkv(x_bsh).view(batch, seq, kv_heads, q_per_kv + 2, self.head_dim)
+        q_bnsd = qkv[:, :, :, :q_per_kv].reshape(batch, seq, kv_heads * q_per_kv, self.head_dim)
+        q_bnsd = q_bnsd.transpose(1, 2)
+        k_bnsd = qkv[:, :, :, q_per_kv].transpose(1, 2)
+        v_bnsd = qkv[:, :, :, q_per_kv + 1].transpose(1, 2)
+        if ctx.rope is not None:
+            cos, sin = ctx.rope
+            q_bnsd = apply_rope(q_bnsd, cos, sin)
+            k_bnsd = apply_rope(k_bnsd, cos, sin)
+        if ctx.kv_cache is not None:
+            k_bnsd, v_bnsd = ctx.kv_cache.update(self.layer_index, k_bnsd, v_bnsd)
+        out = F.scaled_dot_product_attention(
+            q_bnsd,
+            k_bnsd,
+            v_bnsd,
+            attn_mask=ctx.attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=ctx.attn_mask is None,
+            enable_gqa=q_per_kv > 1,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq, -1)
+        return self.proj(out)
+
+
+class MLP(nn.Module):
+    """GELU MLP (`down(gelu(up(x)))`) or SwiGLU (`down(silu(gate(x)) * up(x))`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.activation
+        self.up = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
+        self.gate = (
+            nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
+            if config.activation == "swiglu"
+            else None
+        )
+        self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        return self.down(F.gelu(self.up(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), ctx))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer. `forward(tokens)` returns logits over the padded vocabulary."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        vocab = config.padded_vocab_size
+        self.embed: nn.Embedding | None = nn.Embedding(vocab, config.hidden_size)
+        self.pos_embed: nn.Embedding | None = (
+            nn.Embedding(config.seq_len, config.hidden_size)
+            if config.position_embedding == "learned"
+            else None
+        )
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
+        self.final_norm: nn.Module | None = make_norm(config)
+        self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, vocab, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2/Megatron init: N(0, 0.02) weights, residual projections scaled by
+        1/sqrt(2 * num_layers), zero biases, unit norm weights, zero padding-row embeddings."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2.0 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith("attn.proj") or name.endswith("mlp.down")
+                if module.weight.device.type != "meta":
+                    module.weight.normal_(0.0, residual_std if is_residual else std,
+                                          generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                if module.weight is not None:
+                    module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        if self.embed is not None and self.embed.weight.device.type != "meta":
+            self.embed.weight[self.config.vocab_size:].zero_()
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        kv_cache: object | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (batch, seq) -> logits (batch, seq, padded_vocab).
+
+        A pipeline stage without `embed` takes hidden states (batch, seq, hidden) instead of
+        ids, and one without `lm_head` returns hidden states.
+        """
+        batch, seq = tokens.shape[:2]
+        if positions is None:
+            positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+        if self.embed is not None:
+            x = self.embed(tokens)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(positions)
+            x = self.embed_dropout(x)
+        else:
+            x = tokens
+        rope = None
+        if self.config.position_embedding == "rope":
+            rope = rope_tables(self.config, positions, x.dtype)
+        ctx = AttentionContext(positions=positions, kv_cache=kv_cache, attn_mask=attn_mask,
+                               rope=rope)
+        for layer in self.layers.values():
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.lm_head is not None:
+            x = self.lm_head(x)
+        return x
+
+    # ------------------------------------------------------------------ info
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of distinct parameters (a tied weight counts once)."""
+        seen: set[int] = set()
+        total = 0
+        skip = set()
+        if exclude_embeddings:
+            for module in (self.embed, self.pos_embed):
+                if module is not None:
+                    skip.add(id(module.weight))
+        for param in self.parameters():
+            if id(param) in seen or id(param) in skip:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+        return total
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int,
+    loss_mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy over the real vocabulary (padding columns never count).
+
+    `reduction="sum"` returns the summed token losses, for normalising by a global token count.
+    """
+    flat = logits[..., :vocab_size].float().reshape(-1, vocab_size)
+    losses = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    if loss_mask is not None:
+        losses = losses * loss_mask.reshape(-1).to(losses.dtype)
+        count = loss_mask.sum()
+    else:
+        count = torch.tensor(losses.numel(), device=losses.device)
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    return total / count.clamp(min=1)
