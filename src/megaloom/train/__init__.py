@@ -1,0 +1,1 @@
+"""Training: optimizer, LR schedule, mixed precision, checkpoints, metrics and the trainer loop."""

@@ -1,0 +1,20 @@
+"""Device selection: the device is configuration (`auto`, `cpu`, or an accelerator name)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks the current accelerator when one is available, else the CPU."""
+    if name == "auto":
+        if torch.accelerator.is_available():
+            return torch.accelerator.current_accelerator()
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}") from exc
+    if device.type != "cpu" and not torch.accelerator.is_available():
+        raise ValueError(f"device {name!r} requested but no accelerator is available")
+    return device
