@@ -47,6 +47,8 @@ class ModelConfig:
 
     `arch` fills every flavour field left as None: `gpt2` (learned positions, LayerNorm, GELU,
     biases, tied embeddings) or `llama` (RoPE, RMSNorm, SwiGLU, no biases, untied).
+    `init_from` starts training from existing weights (a megaloom checkpoint or `hf:DIR`); the
+    shape then comes from that checkpoint and only `dropout` is taken from this config.
     """
 
     arch: Literal["gpt2", "llama"] = "gpt2"
@@ -67,6 +69,7 @@ class ModelConfig:
     activation: Literal["gelu_tanh", "gelu", "swiglu"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in ARCH_DEFAULTS[self.arch].items():
@@ -166,13 +169,18 @@ class TrainConfig:
     save_interval: int = 100
     keep_last: int = 2
     tensorboard: bool = False
-    init_from: str | None = None
-    compile: bool = False
+    exit_at_step: int | None = None
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _require(self.global_batch_size >= 1, "train.global_batch_size", "must be >= 1")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"{self.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{self.micro_batch_size}",
+        )
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr", "must be in [0, train.lr]")
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -181,6 +189,8 @@ class TrainConfig:
         _require(self.eval_interval >= 1, "train.eval_interval", "must be >= 1")
         _require(self.save_interval >= 1, "train.save_interval", "must be >= 1")
         _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
+        _require(self.exit_at_step is None or self.exit_at_step >= 1, "train.exit_at_step",
+                 "must be >= 1")
 
 
 @dataclass

