@@ -1,0 +1,174 @@
+"""The parallel layout: named axes `tp`, `pp`, `dp`, their ranks and process groups.
+
+A `Topology` is built once per layout and passed explicitly (no module-level globals); several
+can live in one process. Ranks are laid out Megatron-style, tensor-parallel fastest:
+`rank = tp_rank + tp * (dp_rank + dp * pp_rank)`, so a tp group is a block of neighbouring
+ranks (one node, fast links). Each `Axis` wraps the collectives over its group and counts the
+elements a ring algorithm sends per rank, which `benchmarks/parallel_overhead.py` reports.
+World size 1 needs no `init_process_group`: every axis has size 1 and its collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Axis:
+    """One process group with its collectives; `sent` counts ring-algorithm elements per rank."""
+
+    name: str
+    size: int
+    rank: int
+    ranks: list[int]
+    group: dist.ProcessGroup | None = None
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def _count(self, op: str, elements: float) -> None:
+        self.sent[op] = self.sent.get(op, 0) + int(elements)
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce; returns `tensor`."""
+        if self.size > 1:
+            self._count("all_reduce", 2 * tensor.numel() * (self.size - 1) / self.size)
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, in axis-rank order."""
+        if self.size == 1:
+            return tensor
+        self._count("all_gather", tensor.numel() * (self.size - 1))
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum over ranks, then keep this rank's chunk along `dim` (which must divide evenly)."""
+        if self.size == 1:
+            return tensor
+        if tensor.shape[dim] % self.size:
+            raise ValueError(f"{self.name}: dim {dim} of size {tensor.shape[dim]} does not split "
+                             f"into {self.size} equal parts")
+        self._count("reduce_scatter", tensor.numel() * (self.size - 1) / self.size)
+        chunks = torch.stack(tensor.chunk(self.size, dim=dim))
+        out = torch.empty(chunks[0].numel(), dtype=tensor.dtype, device=tensor.device)
+        dist.reduce_scatter_tensor(out, chunks.reshape(-1), group=self.group)
+        return out.view(chunks.shape[1:])
+
+    def chunk(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of `tensor` along `dim` (no communication)."""
+        if self.size == 1:
+            return tensor
+        if tensor.shape[dim] % self.size:
+            raise ValueError(f"{self.name}: dim {dim} of size {tensor.shape[dim]} does not split "
+                             f"into {self.size} equal parts")
+        return tensor.chunk(self.size, dim=dim)[self.rank].contiguous()
+
+    def reset_counts(self) -> None:
+        self.sent.clear()
+
+
+@dataclass
+class Topology:
+    """Sizes, this process's coordinates and the groups of a (tp, pp, dp) layout.
+
+    `mp` is the model-parallel group (all tp x pp ranks of one data-parallel replica);
+    `embed` joins the first and last pipeline stage (tied embedding gradients).
+    """
+
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+    device: torch.device
+    tp_axis: Axis
+    pp_axis: Axis
+    dp_axis: Axis
+    mp_axis: Axis
+    world_axis: Axis
+    embed_axis: Axis
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_axis.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_axis.rank == self.pp - 1
+
+    def axes(self) -> dict[str, Axis]:
+        return {"tp": self.tp_axis, "pp": self.pp_axis, "dp": self.dp_axis}
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, device: torch.device | str | None = None) -> Topology:
+        """Build the layout over the default process group (or a single process when none)."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if tp < 1 or pp < 1 or world % (tp * pp):
+            raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+        dp = world // (tp * pp)
+        device = torch.device(device) if device is not None else default_device()
+
+        def coords(r: int) -> tuple[int, int, int]:
+            return r % tp, (r // tp) % dp, r // (tp * dp)
+
+        def rank_of(t: int, d: int, p: int) -> int:
+            return t + tp * (d + dp * p)
+
+        t0, d0, p0 = coords(rank)
+        families = {
+            "tp": [[rank_of(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "dp": [[rank_of(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+            "pp": [[rank_of(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "mp": [[rank_of(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+            "world": [list(range(world))],
+            "embed": [sorted({rank_of(t, d, 0), rank_of(t, d, pp - 1)})
+                      for d in range(dp) for t in range(tp)],
+        }
+        axes = {name: _make_axis(name, groups, rank) for name, groups in families.items()}
+        return cls(tp=tp, pp=pp, dp=dp, rank=rank, device=device, tp_axis=axes["tp"],
+                   pp_axis=axes["pp"], dp_axis=axes["dp"], mp_axis=axes["mp"],
+                   world_axis=axes["world"], embed_axis=axes["embed"])
+
+
+def _make_axis(name: str, groups: list[list[int]], rank: int) -> Axis:
+    """Create every group of a family (all ranks must create all groups, in the same order)."""
+    mine = next(ranks for ranks in groups if rank in ranks)
+    handle = None
+    if len(mine) > 1:
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                handle = group
+    return Axis(name=name, size=len(mine), rank=mine.index(rank), ranks=mine, group=handle)
+
+
+def default_device() -> torch.device:
+    """The local accelerator when there is one (one per local rank), else the CPU."""
+    if torch.accelerator.is_available():
+        accel = torch.accelerator.current_accelerator()
+        return torch.device(accel.type, int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device | None = None) -> None:
+    """Join the torchrun job described by the environment (no-op for a single process).
+
+    The backend follows the device: gloo on CPU, NCCL on CUDA (torch's default per device).
+    """
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    device = device or default_device()
+    backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
+    if device.type != "cpu":
+        torch.accelerator.set_device_index(device.index or 0)
+    dist.init_process_group(backend=backend)
