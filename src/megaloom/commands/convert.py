@@ -1,0 +1,52 @@
+"""`megaloom convert`: Hugging Face GPT-2/Llama checkpoints <-> megaloom checkpoints.
+
+`hf-to-megaloom HF_DIR OUT` writes a megaloom checkpoint directory; `megaloom-to-hf SPEC OUT`
+reads anything `load_model` accepts (run dir, checkpoint dir, `hf:DIR`) and writes a directory
+`transformers` loads. The work lives in `megaloom.interop.hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from megaloom.interop.safetensors_io import DEFAULT_MAX_SHARD_SIZE
+
+NAME = "convert"
+HELP = "convert checkpoints between Hugging Face (GPT-2, Llama) and megaloom formats"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    to_ours = sub.add_parser("hf-to-megaloom", help="Hugging Face directory -> megaloom checkpoint")
+    to_ours.add_argument("hf_dir", metavar="HF_DIR",
+                         help="directory with config.json and model.safetensors (or shards)")
+    to_ours.add_argument("out", metavar="OUT", help="new checkpoint directory (must be empty)")
+    to_hf = sub.add_parser("megaloom-to-hf", help="megaloom checkpoint -> Hugging Face directory")
+    to_hf.add_argument("checkpoint", metavar="CHECKPOINT",
+                       help="run dir, checkpoint dir or hf:DIR")
+    to_hf.add_argument("out", metavar="OUT", help="new Hugging Face directory (must be empty)")
+    to_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                       help="largest safetensors file before sharding, e.g. 5GB or 500MB "
+                            "(default: 5GB)")
+    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="weight dtype of the export (default: the checkpoint's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaloom.interop.hf import export_hf, import_hf
+
+    if args.direction == "hf-to-megaloom":
+        out = import_hf(args.hf_dir, args.out)
+    else:
+        from megaloom.train.checkpoint import load_model
+
+        model, config, tokenizer_path = load_model(args.checkpoint)
+        out = export_hf(model, config, args.out, tokenizer_path=tokenizer_path,
+                        max_shard_size=args.max_shard_size,
+                        dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(out)
+    return 0

@@ -1,0 +1,122 @@
+"""Hugging Face GPT-2 / Llama checkpoints in and out of megaloom, without `transformers`.
+
+Public entry points:
+
+- `load_hf_model(hf_dir, device)` -> (GPT, Config, tokenizer path or None): what
+  `megaloom.train.checkpoint.load_model("hf:DIR")` calls, so `generate hf:DIR` and
+  `train ... model.init_from=hf:DIR` use a HF directory directly.
+- `export_hf(model, config, out_dir, ...)`: a directory `AutoModelForCausalLM.from_pretrained`
+  and `AutoTokenizer.from_pretrained` load.
+- `import_hf(hf_dir, out_dir)`: a megaloom checkpoint directory (`load_model` reads it) with
+  the HF tokenizer side files kept, so exporting it again restores them.
+
+The pieces live beside this file: `hf_config` (config.json mapping and refusals), `weights`
+(tensor names and layouts), `safetensors_io` (single/sharded files), `tokenizer_files`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from megaloom.config import Config, ModelConfig
+from megaloom.errors import CheckpointError
+from megaloom.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
+from megaloom.interop.safetensors_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    read_hf_weights,
+    write_hf_weights,
+)
+from megaloom.interop.tokenizer_files import copy_side_files, find_tokenizer, write_tokenizer_files
+from megaloom.interop.weights import hf_to_megaloom, megaloom_to_hf
+from megaloom.model.gpt import GPT
+from megaloom.utils.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_model(
+    hf_dir: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32
+) -> tuple[GPT, Config, Path | None]:
+    """Build a megaloom `GPT` from a HF GPT-2/Llama directory (config.json + safetensors).
+
+    Weights are cast to `dtype` (fp32 master weights by default); the embedding and head get
+    zero padding rows up to `padded_vocab_size`. Returns the model, a default `Config` around
+    the imported `ModelConfig`, and the directory's `tokenizer.json` when it has one.
+    """
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"Hugging Face model directory not found: {hf_dir}")
+    model_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    with torch.device("meta"):
+        model = GPT(model_config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = hf_to_megaloom(read_hf_weights(hf_dir), model_config, expected)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    if model_config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model_config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    log.info("loaded %s model (%.2fM parameters) from %s", model_config.arch,
+             model.num_parameters() / 1e6, hf_dir)
+    return model, Config(model=model_config).validate(), find_tokenizer(hf_dir)
+
+
+def export_hf(
+    model: GPT,
+    config: Config | ModelConfig,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `model` as a HF GPT-2 (`arch=gpt2`) or Llama (`arch=llama`) directory.
+
+    Padding vocabulary rows are dropped, a tied head is stored once, weights are cast to `dtype`
+    when given, and files above `max_shard_size` (bytes or "5GB") are sharded with an index.
+    `out_dir` must not exist or be empty; it appears complete or not at all.
+    """
+    model_config = config.model if isinstance(config, Config) else config
+    out_dir = _empty_output(out_dir)
+    state = megaloom_to_hf({k: v.detach() for k, v in model.state_dict().items()}, model_config)
+    if dtype is not None:
+        state = {name: t.to(dtype) for name, t in state.items()}
+    weights_dtype = next(iter(state.values())).dtype
+    hf_config_from_model(model_config, weights_dtype)  # refuse before writing anything
+    with atomic_dir(out_dir) as tmp:
+        token_ids = {}
+        if tokenizer_path is not None:
+            token_ids = write_tokenizer_files(tokenizer_path, tmp, model_config.seq_len)
+        hf_config = hf_config_from_model(model_config, weights_dtype, **token_ids)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n",
+                                         encoding="utf-8")
+        write_hf_weights(state, tmp, max_shard_size)
+    log.info("exported %s model to %s", model_config.arch, out_dir)
+    return out_dir
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a HF directory into a megaloom checkpoint directory (weights-only)."""
+    from megaloom.train.checkpoint import write_manifest, write_model_files
+
+    out_dir = _empty_output(out_dir)
+    model, config, tokenizer_path = load_hf_model(hf_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(tmp, model, config, tokenizer_path)
+        if tokenizer_path is not None:
+            copy_side_files(Path(hf_dir), tmp)
+        write_manifest(tmp)
+    log.info("wrote megaloom checkpoint %s", out_dir)
+    return out_dir
+
+
+def _empty_output(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path; refuses one that exists and holds anything (never overwrite data)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CheckpointError(f"output directory {out_dir} exists and is not empty")
+    return out_dir

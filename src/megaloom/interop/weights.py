@@ -1,0 +1,189 @@
+"""Tensor mapping between megaloom state dicts and Hugging Face GPT-2 / Llama state dicts.
+
+Owns parameter names and layouts only (no files, no configs beyond `ModelConfig`):
+
+- GPT-2 stores its projections as `Conv1D` (weight shape (in, out), the transpose of a Linear)
+  and fuses attention as `c_attn` = [q | k | v]; Llama has separate `q/k/v/o_proj` and
+  `gate/up/down_proj`. megaloom fuses q, k, v into one `qkv` Linear whose rows are grouped per
+  kv head: for each group, its query heads, then its key head, then its value head.
+- Both use rotate-half RoPE (Llama) so q/k rows need no permutation.
+- megaloom's embedding and head have `padded_vocab_size` rows: import appends zero rows,
+  export drops them.
+
+Every direction is a name table of (megaloom name, HF name, transposed) plus the qkv fuse/split;
+import checks that every HF tensor is used exactly once and has the expected shape.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megaloom.config import ModelConfig
+from megaloom.errors import CheckpointError
+
+Pair = tuple[str, str, bool]  # (megaloom name, Hugging Face name, stored transposed in HF)
+
+# Buffers some HF checkpoints carry that hold no learned state.
+IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
+HF_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+
+
+def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
+    ours = f"layers.{i}."
+    if config.arch == "gpt2":
+        hf = f"transformer.h.{i}."
+        pairs = [
+            ("attn_norm", "ln_1", False), ("attn.proj", "attn.c_proj", True),
+            ("mlp_norm", "ln_2", False), ("mlp.up", "mlp.c_fc", True),
+            ("mlp.down", "mlp.c_proj", True),
+        ]
+        return [(f"{ours}{a}.{kind}", f"{hf}{b}.{kind}", t and kind == "weight")
+                for a, b, t in pairs for kind in ("weight", "bias")]
+    hf = f"model.layers.{i}."
+    pairs = [
+        ("attn_norm", "input_layernorm"), ("attn.proj", "self_attn.o_proj"),
+        ("mlp_norm", "post_attention_layernorm"), ("mlp.gate", "mlp.gate_proj"),
+        ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj"),
+    ]
+    return [(f"{ours}{a}.weight", f"{hf}{b}.weight", False) for a, b in pairs]
+
+
+def _top_pairs(config: ModelConfig) -> list[Pair]:
+    if config.arch == "gpt2":
+        pairs = [("embed.weight", "transformer.wte.weight", False),
+                 ("pos_embed.weight", "transformer.wpe.weight", False),
+                 ("final_norm.weight", "transformer.ln_f.weight", False),
+                 ("final_norm.bias", "transformer.ln_f.bias", False)]
+    else:
+        pairs = [("embed.weight", "model.embed_tokens.weight", False),
+                 ("final_norm.weight", "model.norm.weight", False)]
+    if not config.tie_embeddings:
+        pairs.append(("lm_head.weight", "lm_head.weight", False))
+    return pairs
+
+
+def _qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
+    if config.arch == "gpt2":
+        return [f"transformer.h.{i}.attn.c_attn.{kind}"]
+    return [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: ModelConfig
+             ) -> torch.Tensor:
+    """Separate q (heads*d, ...), k and v (kv_heads*d, ...) -> megaloom's grouped `qkv` rows."""
+    groups, d = config.num_kv_heads, config.head_dim
+    rest = q.shape[1:]
+    q = q.reshape(groups, (config.num_heads // groups) * d, *rest)
+    return torch.cat([q, k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)], dim=1
+                     ).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, config: ModelConfig
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`: megaloom's grouped rows -> (q, k, v) with heads in order."""
+    groups, d = config.num_kv_heads, config.head_dim
+    rest = qkv.shape[1:]
+    q_rows = (config.num_heads // groups) * d
+    q, k, v = qkv.reshape(groups, q_rows + 2 * d, *rest).split([q_rows, d, d], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _qkv_kinds(config: ModelConfig) -> tuple[str, ...]:
+    return ("weight", "bias") if config.bias else ("weight",)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def normalize_hf_names(hf: dict[str, torch.Tensor], config: ModelConfig
+                       ) -> dict[str, torch.Tensor]:
+    """Add the `transformer.` / `model.` prefix that base-model checkpoints (`GPT2Model`,
+    `LlamaModel`) lack, and drop stateless buffers."""
+    prefix = HF_PREFIX[config.arch]
+    bare = not any(name.startswith(prefix) for name in hf)
+    return {
+        (prefix + name if bare and name != "lm_head.weight" else name): tensor
+        for name, tensor in hf.items()
+        if not IGNORED_HF_TENSORS.search(name)
+    }
+
+
+def hf_to_megaloom(hf: dict[str, torch.Tensor], config: ModelConfig,
+                   expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A megaloom state dict from a HF one. `expected_shapes` (megaloom name -> shape) comes
+    from the target model; every HF tensor must be used and every shape must match."""
+    remaining = normalize_hf_names(hf, config)
+
+    def take(name: str) -> torch.Tensor:
+        if name not in remaining:
+            raise CheckpointError(f"Hugging Face checkpoint lacks tensor {name!r}")
+        return remaining.pop(name)
+
+    if config.tie_embeddings and "lm_head.weight" in remaining:
+        head = remaining.pop("lm_head.weight")
+        embed_name = _top_pairs(config)[0][1]
+        if embed_name in remaining and not torch.equal(head, remaining[embed_name]):
+            raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
+                                  f"{embed_name}; set tie_word_embeddings=false in config.json")
+    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    pairs = _top_pairs(config) + [p for i in range(config.num_layers)
+                                  for p in _layer_pairs(config, i)]
+    for ours, theirs, transposed in pairs:
+        tensor = take(theirs)
+        out[ours] = tensor.t() if transposed else tensor
+        sources[ours] = theirs
+    for i in range(config.num_layers):
+        for kind in _qkv_kinds(config):
+            names = _qkv_hf_names(config, i, kind)
+            parts = [take(name) for name in names]
+            try:
+                if config.arch == "gpt2":
+                    fused = parts[0].t() if kind == "weight" else parts[0]
+                    d = config.head_dim
+                    parts = list(fused.split([config.num_heads * d, config.num_kv_heads * d,
+                                              config.num_kv_heads * d]))
+                out[f"layers.{i}.attn.qkv.{kind}"] = fuse_qkv(*parts, config)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{', '.join(names)}: unexpected shapes "
+                                      f"{[tuple(p.shape) for p in parts]}") from exc
+            sources[f"layers.{i}.attn.qkv.{kind}"] = ", ".join(names)
+    if remaining:
+        raise CheckpointError(f"Hugging Face checkpoint has tensors megaloom does not use: "
+                              f"{', '.join(sorted(remaining)[:5])}")
+    for name in ("embed.weight", "lm_head.weight"):
+        if name in out and out[name].shape[0] == config.vocab_size:
+            out[name] = _pad_rows(out[name], config.padded_vocab_size)
+    for name, tensor in out.items():
+        want = expected_shapes[name]
+        if tuple(tensor.shape) != tuple(want):
+            raise CheckpointError(f"{sources[name]}: shape {tuple(tensor.shape)} does not match "
+                                  f"config.json (megaloom {name} expects {tuple(want)})")
+    return out
+
+
+def megaloom_to_hf(state: dict[str, torch.Tensor], config: ModelConfig
+                   ) -> dict[str, torch.Tensor]:
+    """A HF state dict (names as `save_pretrained` writes them) from a megaloom state dict.
+    Padding vocabulary rows are dropped; a tied head is omitted, as HF does."""
+    out: dict[str, torch.Tensor] = {}
+    pairs = _top_pairs(config) + [p for i in range(config.num_layers)
+                                  for p in _layer_pairs(config, i)]
+    for ours, theirs, transposed in pairs:
+        tensor = state[ours]
+        if ours in ("embed.weight", "lm_head.weight"):
+            tensor = tensor[: config.vocab_size]
+        out[theirs] = tensor.t() if transposed else tensor
+    for i in range(config.num_layers):
+        for kind in _qkv_kinds(config):
+            q, k, v = split_qkv(state[f"layers.{i}.attn.qkv.{kind}"], config)
+            names = _qkv_hf_names(config, i, kind)
+            if config.arch == "gpt2":
+                fused = torch.cat([q, k, v])
+                out[names[0]] = fused.t() if kind == "weight" else fused
+            else:
+                out.update(zip(names, (q, k, v), strict=True))
+    return out
