@@ -1,0 +1,32 @@
+"""`megaloom tokenizer train`: train a byte-level BPE tokenizer on .txt/JSONL files."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "tokenizer"
+HELP = "train a byte-level BPE tokenizer (tokenizer.json)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = sub.add_parser("train", help="train a byte-level BPE on text files",
+                           description="Train a byte-level BPE (with <|endoftext|>) on .txt "
+                                       "(documents separated by blank lines) and JSONL files.")
+    train.add_argument("files", nargs="+", metavar="FILE", help="files or directories")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, help="where to write tokenizer.json")
+    train.add_argument("--json-key", default="text", help="JSONL key holding the text")
+    train.add_argument("--min-frequency", type=int, default=2,
+                       help="minimum pair count for a merge")
+    train.add_argument("--skip-bad", action="store_true",
+                       help="skip (and count) bad records instead of stopping at the first")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaloom.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(args.files, args.vocab_size, args.output, json_key=args.json_key,
+                          min_frequency=args.min_frequency, skip_bad=args.skip_bad)
+    print(f"{args.output}  (vocab {tokenizer.vocab_size}, end-of-document id {tokenizer.eod_id})")
+    return 0
