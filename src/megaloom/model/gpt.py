@@ -202,11 +202,13 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: object | None = None,
         attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, padded_vocab).
 
         A pipeline stage without `embed` takes hidden states (batch, seq, hidden) instead of
-        ids, and one without `lm_head` returns hidden states.
+        ids, and one without `lm_head` returns hidden states. `last_only` keeps only the last
+        position before the final norm and head (inference prefill: seq becomes 1).
         """
         batch, seq = tokens.shape[:2]
         if positions is None:
@@ -228,6 +230,8 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is not None:
