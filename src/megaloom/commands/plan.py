@@ -1,0 +1,157 @@
+"""`megaloom plan`: parameters, memory, FLOPs and training time of a model on a layout.
+
+Reads a YAML recipe (its model, and its train/parallel sections as defaults) or a preset
+name, applies the command-line options and prints a table (or `--json`). With `--search` it
+ranks every layout of `--gpus` GPUs that fits. All arithmetic lives in `megaloom.plan`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megaloom.config import Config, ModelConfig, load_config
+from megaloom.model.presets import PRESETS, preset_config
+from megaloom.plan import Layout, PlanError, estimate, get_gpu, search
+from megaloom.plan.gpus import GIB, GPUS
+from megaloom.plan.layout import PRECISIONS, RECOMPUTE_CHOICES
+from megaloom.plan.report import format_plan, format_search
+
+NAME = "plan"
+HELP = "Estimate parameters, memory per GPU, FLOPs and training time of a model and layout."
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """'270B', '2.7e11', '300M' -> a number (K, M, B/G, T suffixes)."""
+    raw = text.strip().lower()
+    scale = _SUFFIXES.get(raw[-1:], 1.0)
+    number = raw[:-1] if raw[-1:] in _SUFFIXES else raw
+    try:
+        return float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 270e9 or 270B)") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG|PRESET",
+                        help=f"a YAML recipe or a preset ({', '.join(PRESETS)})")
+    parser.add_argument("--gpus", type=int, help="GPU count (default tp x pp, i.e. dp = 1)")
+    parser.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), type=str.lower,
+                        help="GPU type (default a100-80gb)")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs per node; tp stays within a node (default 8)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, help="pipeline-parallel size (must divide layers)")
+    parser.add_argument("--vpp", type=int, default=1,
+                        help="virtual stages per pipeline rank (interleaved 1F1B)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch")
+    parser.add_argument("--global-batch", type=int, help="sequences per iteration")
+    parser.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="training precision (default: the recipe's, else bf16)")
+    parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="gradient dtype in 16-bit training (default fp32, as Megatron)")
+    parser.add_argument("--distributed-optimizer", action="store_true", default=None,
+                        help="shard optimizer state over dp")
+    parser.add_argument("--sequence-parallel", action="store_true", default=None,
+                        help="shard norms/dropout activations over tp")
+    parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES,
+                        help="activation recomputation (default: full if the recipe "
+                             "checkpoints activations, else none)")
+    parser.add_argument("--tokens", type=parse_count,
+                        help="training tokens, e.g. 270B (default: the recipe's max_steps)")
+    rate = parser.add_mutually_exclusive_group()
+    rate.add_argument("--mfu", type=float,
+                      help="fraction of the GPU's dense peak sustained while computing "
+                           "(default 0.4)")
+    rate.add_argument("--tflops", type=float,
+                      help="hardware TFLOP/s per GPU while computing, recomputation counted")
+    parser.add_argument("--allowance-gib", type=float, default=2.0,
+                        help="fixed memory allowance per GPU: CUDA context, buffers (default 2)")
+    parser.add_argument("--search", action="store_true",
+                        help="rank every fitting (tp, pp, dp, micro-batch, recompute) layout")
+    parser.add_argument("--top", type=int, default=10, help="layouts shown by --search (0: all)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What CONFIG provided: the model and, for a recipe, its run settings."""
+
+    title: str
+    model: ModelConfig
+    recipe: Config | None
+
+
+def _load_source(name: str) -> _Source:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        config = load_config(path)
+        return _Source(str(path), config.model, config)
+    if name in PRESETS:
+        return _Source(name, preset_config(name), None)
+    raise PlanError(f"CONFIG {name!r} is neither a YAML file nor a preset; presets: "
+                    f"{', '.join(PRESETS)}")
+
+
+def _pick(value, recipe_value, default):
+    if value is not None:
+        return value
+    return default if recipe_value is None else recipe_value
+
+
+def _layout(args: argparse.Namespace, recipe: Config | None) -> Layout:
+    train, parallel = (recipe.train, recipe.parallel) if recipe else (None, None)
+    tp = _pick(args.tp, parallel and parallel.tp, 1)
+    pp = _pick(args.pp, parallel and parallel.pp, 1)
+    gpus = args.gpus if args.gpus is not None else tp * pp
+    micro = _pick(args.micro_batch, train and train.micro_batch_size, 1)
+    dp = max(gpus // max(tp * pp, 1), 1)  # `Layout.validate` reports a bad product
+    recipe_recompute = ("full" if train.activation_checkpointing else "none") if train else None
+    return Layout(
+        gpus=gpus, tp=tp, pp=pp, vpp=args.vpp, micro_batch=micro,
+        global_batch=_pick(args.global_batch, train and train.global_batch_size, micro * dp),
+        recompute=_pick(args.recompute, recipe_recompute, "none"),
+        sequence_parallel=bool(_pick(args.sequence_parallel,
+                                     parallel and parallel.sequence_parallel, False)),
+        distributed_optimizer=bool(_pick(args.distributed_optimizer,
+                                         parallel and parallel.distributed_optimizer, False)),
+        precision=_pick(args.precision, train and train.precision, "bf16"),
+        grad_dtype=args.grad_dtype,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    source = _load_source(args.config)
+    model = source.model
+    if args.seq_len is not None:
+        model = replace(model, seq_len=args.seq_len)
+    recipe = source.recipe
+    tokens = args.tokens
+    if tokens is None and recipe is not None:
+        tokens = float(recipe.train.max_steps * recipe.train.global_batch_size
+                       * recipe.model.seq_len)
+    options = dict(mfu=args.mfu, tflops=args.tflops, tokens=tokens,
+                   allowance_bytes=args.allowance_gib * GIB)
+    gpu = get_gpu(args.gpu)
+    if args.search:
+        if args.gpus is None:
+            raise PlanError("--search needs --gpus")
+        if args.global_batch is None and recipe is None:
+            raise PlanError("--search needs --global-batch (or a recipe that sets it)")
+        base = _layout(argparse.Namespace(**{**vars(args), "tp": 1, "pp": 1}), recipe)
+        plans = search(model, base, gpu, gpus_per_node=args.gpus_per_node, top=args.top,
+                       **options)
+        if args.json:
+            print(json.dumps({"plans": [p.to_dict() for p in plans]}, indent=2))
+        else:
+            print(format_search(plans, source.title, base.gpus, gpu.name))
+        return 0
+    plan = estimate(model, _layout(args, recipe), gpu, gpus_per_node=args.gpus_per_node,
+                    **options)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan, source.title))
+    return 0
