@@ -82,11 +82,10 @@ def export_hf(
     """
     model_config = config.model if isinstance(config, Config) else config
     out_dir = _empty_output(out_dir)
+    weights_dtype = dtype or next(model.parameters()).dtype
+    hf_config_from_model(model_config, weights_dtype)  # refuse before touching anything
     state = megaloom_to_hf({k: v.detach() for k, v in model.state_dict().items()}, model_config)
-    if dtype is not None:
-        state = {name: t.to(dtype) for name, t in state.items()}
-    weights_dtype = next(iter(state.values())).dtype
-    hf_config_from_model(model_config, weights_dtype)  # refuse before writing anything
+    state = {name: t.to(weights_dtype) for name, t in state.items()}
     with atomic_dir(out_dir) as tmp:
         token_ids = {}
         if tokenizer_path is not None:
