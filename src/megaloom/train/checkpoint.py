@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -260,5 +261,6 @@ def _read(path: Path, reader):
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
         return reader(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError,
+            pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from exc

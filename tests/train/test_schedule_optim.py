@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from megaloom.config import ModelConfig, TrainConfig
+from megaloom.model import GPT
+from megaloom.train.optim import build_optimizer
+from megaloom.train.precision import DynamicLossScaler, clip_grad_norm
+from megaloom.train.schedule import learning_rate
+
+
+def test_warmup_then_cosine_to_min():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, lr_decay="cosine")
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    for step in (10, 35, 60, 85, 110):
+        progress = (step - 10) / 100
+        expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        assert learning_rate(step, cfg) == pytest.approx(expected)
+    assert learning_rate(500, cfg) == pytest.approx(0.1)
+
+
+def test_linear_and_constant_decay():
+    linear = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=100, lr_decay="linear")
+    assert [learning_rate(s, linear) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    const = TrainConfig(lr=0.5, min_lr=0.0, warmup_steps=4, lr_decay="constant")
+    assert learning_rate(1, const) == pytest.approx(0.25)
+    assert learning_rate(1000, const) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings():
+    model = GPT(ModelConfig(arch="llama", num_layers=1, hidden_size=32, num_heads=4,
+                            vocab_size=64, seq_len=8))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    assert id(model.embed.weight) in no_decay_ids
+    assert id(model.final_norm.weight) in no_decay_ids
+    assert id(model.layers["0"].attn.qkv.weight) not in no_decay_ids
+    assert id(model.lm_head.weight) not in no_decay_ids  # untied output layer is a projection
+    total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert total == model.num_parameters()
+
+
+def test_clip_grad_norm_matches_torch():
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, c in zip(params, clones, strict=True):
+        p.grad = torch.randn_like(p) * 3
+        c.grad = p.grad.clone()
+    ours = clip_grad_norm(params, 1.0)
+    ref = torch.nn.utils.clip_grad_norm_(clones, 1.0)
+    assert ours == pytest.approx(ref.item(), rel=1e-6)
+    for p, c in zip(params, clones, strict=True):
+        torch.testing.assert_close(p.grad, c.grad)
+
+
+def test_loss_scaler_backoff_hysteresis_and_growth():
+    scaler = DynamicLossScaler(initial_scale=1024, growth_interval=3, hysteresis=2)
+    scaler.update(True)
+    assert scaler.scale == 1024  # first overflow absorbed by hysteresis
+    scaler.update(True)
+    assert scaler.scale == 512
+    for _ in range(3):
+        scaler.update(False)
+    assert scaler.scale == 1024
+    state = scaler.state_dict()
+    other = DynamicLossScaler()
+    other.load_state_dict(state)
+    assert other.state_dict() == state

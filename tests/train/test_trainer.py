@@ -1,0 +1,112 @@
+"""Trainer behaviour on synthetic token data (the single-process loop is its own oracle)."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from megaloom.config import Config, ModelConfig, TrainConfig
+from megaloom.model import GPT
+from megaloom.train.metrics import read_metrics
+from megaloom.train.trainer import Trainer
+
+VOCAB, SEQ = 97, 16
+# Learnable samples: counting sequences with a random start and stride.
+DATA = [(np.random.default_rng(i).integers(0, VOCAB) + np.arange(SEQ + 1) * (1 + i % 3)) % VOCAB
+        for i in range(400)]
+
+
+def make_trainer(out_dir, arch="gpt2", dropout=0.1, **train):
+    settings = dict(out_dir=str(out_dir), micro_batch_size=4, global_batch_size=8,
+                    max_steps=8, warmup_steps=2, eval_interval=4, eval_iters=2,
+                    save_interval=100, lr=3e-3, min_lr=3e-4)
+    cfg = Config(
+        model=ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2,
+                          vocab_size=VOCAB, seq_len=SEQ, dropout=dropout),
+        train=TrainConfig(**{**settings, **train}),
+    )
+    torch.manual_seed(cfg.train.seed)
+    return Trainer(cfg, GPT(cfg.model), DATA, DATA[:50], None, torch.device("cpu"))
+
+
+def losses(out_dir):
+    return [r["loss"] for r in read_metrics(out_dir / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exact_resume_bit_for_bit(tmp_path, arch):
+    straight = make_trainer(tmp_path / "a", arch)
+    straight.run()
+    first = make_trainer(tmp_path / "b", arch, exit_at_step=4)
+    assert first.run().step == 4
+    second = make_trainer(tmp_path / "b", arch)
+    second.resume(tmp_path / "b")
+    assert second.step == 4
+    second.run()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # exact, not approximate
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(),
+                                 second.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_metrics_records_and_plot(tmp_path):
+    result = make_trainer(tmp_path).run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(isinstance(r[key], float) for r in records)
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8]
+    assert result.val_loss == records[-1]["val_loss"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    accumulated = make_trainer(tmp_path / "a", dropout=0.0, micro_batch_size=2)
+    whole = make_trainer(tmp_path / "b", dropout=0.0, micro_batch_size=8)
+    assert accumulated.accumulation == 4 and whole.accumulation == 1
+    accumulated.run()
+    whole.run()
+    np.testing.assert_allclose(losses(tmp_path / "a"), losses(tmp_path / "b"), rtol=1e-5)
+
+
+def test_bf16_tracks_fp32(tmp_path):
+    make_trainer(tmp_path / "fp32", dropout=0.0, max_steps=20).run()
+    make_trainer(tmp_path / "bf16", dropout=0.0, max_steps=20, precision="bf16").run()
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert abs(bf16[-1] - fp32[-1]) / fp32[-1] < 0.02
+
+
+def test_fp16_overflow_steps_are_skipped_and_scale_backs_off(tmp_path):
+    trainer = make_trainer(tmp_path, dropout=0.0, max_steps=16, precision="fp16",
+                           initial_loss_scale=2.0**24)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    record = trainer.train_step()
+    assert record["skipped"] and record["loss_scale"] == 2.0**24  # hysteresis absorbs one
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer.run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    scales = [r["loss_scale"] for r in records]
+    assert scales == sorted(scales, reverse=True) and scales[-1] < 2.0**24
+    assert trainer.skipped_steps >= 2
+    assert any(not r["skipped"] for r in records)  # once the scale fits, training proceeds
+    assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_sigterm_saves_checkpoint_and_stops(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=8)
+    real_step = trainer.train_step
+
+    def step_then_signal():
+        record = real_step()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    trainer.train_step = step_then_signal
+    result = trainer.run()
+    assert result.interrupted and result.step == 3
+    assert result.checkpoint.name == "step_00000003"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
