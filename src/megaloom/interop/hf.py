@@ -63,7 +63,12 @@ def load_hf_model(
         model.lm_head.weight = model.embed.weight
     log.info("loaded %s model (%.2fM parameters) from %s", model_config.arch,
              model.num_parameters() / 1e6, hf_dir)
-    return model, Config(model=model_config).validate(), find_tokenizer(hf_dir)
+    tokenizer = find_tokenizer(hf_dir)
+    if tokenizer is None:
+        log.warning("%s has no tokenizer.json, so no tokenizer comes with the model (save a fast "
+                    "tokenizer there: AutoTokenizer.from_pretrained(...).save_pretrained(DIR))",
+                    hf_dir)
+    return model, Config(model=model_config).validate(), tokenizer
 
 
 def export_hf(

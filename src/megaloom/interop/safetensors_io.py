@@ -131,5 +131,5 @@ def write_hf_weights(
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written.append(directory / INDEX_NAME)
-    log.info("wrote %d tensors in %d file(s) to %s", len(tensors), count, directory)
+    log.debug("wrote %d tensors in %d file(s)", len(tensors), count)
     return written
