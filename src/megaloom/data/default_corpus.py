@@ -11,7 +11,6 @@ as JSONL, trains a byte-level BPE and preprocesses it once, caching everything u
 from __future__ import annotations
 
 import ast
-import dataclasses
 import io
 import json
 import logging
@@ -23,7 +22,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from megaloom.config import ConfigError, DataConfig
 from megaloom.data.preprocess import output_prefix, preprocess
 from megaloom.data.tokenizer import train_bpe
 from megaloom.utils.io import atomic_dir
@@ -107,16 +105,3 @@ def ensure_default_data(cache_dir: str, vocab_size: int = 4096) -> tuple[str, st
             corpus.unlink()
             (tmp / "done").write_text("ok\n", encoding="utf-8")
     return str(tokenizer_path), prefix
-
-
-def with_default_corpus(data: DataConfig, vocab_size: int = 4096) -> DataConfig:
-    """`data` itself when it names prefixes; otherwise a copy pointing at the default corpus
-    and its tokenizer."""
-    if data.prefixes:
-        return data
-    if data.tokenizer:
-        raise ConfigError("data.tokenizer is set but data.prefixes is empty: the default corpus "
-                          "comes with its own tokenizer; give data.prefixes tokenized with "
-                          f"{data.tokenizer} or unset data.tokenizer")
-    tokenizer, prefix = ensure_default_data(data.cache_dir, vocab_size)
-    return dataclasses.replace(data, prefixes=[prefix], tokenizer=tokenizer)

@@ -140,8 +140,8 @@ def build_gpt_datasets(data_config: DataConfig, seq_len: int, seed: int,
     split = parse_split(data_config.split)
     prefixes, weights = parse_blend(data_config.prefixes)
     if not prefixes:
-        raise DataError("data.prefixes is empty: give .bin/.idx prefixes or use "
-                        "megaloom.data.default_corpus.with_default_corpus")
+        raise DataError("data.prefixes is empty: give .bin/.idx prefixes (or build the default "
+                        "corpus with megaloom.data.default_corpus.ensure_default_data)")
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three non-negative counts, got {num_samples}")
     readers = [IndexedReader(p) for p in prefixes]

@@ -180,6 +180,9 @@ def preprocess(
                                            chunks, 2 * workers)
                 _write_results(results, writer, stats, bad, bar)
         bar.update(total - bar.n)
+        if stats.documents == 0:  # nothing to train on (and megatron-core cannot map it)
+            raise DataError(f"no documents with text in {', '.join(map(str, files))} "
+                            f"({bad.count} bad record(s) skipped)")
     stats.bad_skipped = bad.count
     stats.seconds = time.perf_counter() - start
     logger.info("wrote %d documents, %d tokens to %s.bin/.idx in %.1f s", stats.documents,
