@@ -57,3 +57,23 @@ def test_greedy_generation_matches_transformers(tmp_path, shape):
     ours = greedy(model.eval(), prompt, 32, config.model.vocab_size)
     assert theirs.shape == (1, 6 + 32)
     assert ours.tolist() == theirs.tolist()
+
+
+def test_kv_cached_engine_on_hf_dir_matches_transformers(tmp_path, shape):
+    """What `megaloom generate hf:DIR` runs: `load_model("hf:DIR")` and the KV-cached engine,
+    two prompts of different lengths batched together."""
+    from megaloom.infer.engine import Engine, Request
+    from megaloom.infer.params import SamplingParams
+    from megaloom.train.checkpoint import load_model
+
+    reference = hf_model(shape, seed=12)
+    reference.save_pretrained(tmp_path)
+    model, config, _ = load_model(f"hf:{tmp_path}")
+    prompts = [tokens(config.model.vocab_size, 1, seq, seed=seq)[0].tolist() for seq in (5, 9)]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    outputs = Engine(model).generate([Request(prompt=p, params=params) for p in prompts])
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=32,
+                                        do_sample=False, pad_token_id=0)
+        assert output.completions[0].token_ids == theirs[0, len(prompt):].tolist()
