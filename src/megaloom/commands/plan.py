@@ -125,7 +125,25 @@ def _layout(args: argparse.Namespace, recipe: Config | None) -> Layout:
     )
 
 
+_SEARCHED = ("tp", "pp", "micro_batch", "recompute", "sequence_parallel")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.allowance_gib < 0:
+        raise PlanError(f"--allowance-gib must be >= 0, got {args.allowance_gib}")
+    if args.top < 0:
+        raise PlanError(f"--top must be >= 0, got {args.top}")
+    if args.search:
+        given = [name for name in _SEARCHED if getattr(args, name) is not None]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise PlanError(f"--search chooses {flags} itself; drop them or drop --search")
+        if args.gpus is None:
+            raise PlanError("--search needs --gpus")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_options(args)
     source = _load_source(args.config)
     model = source.model
     if args.seq_len is not None:
@@ -139,8 +157,6 @@ def run(args: argparse.Namespace) -> int:
                    allowance_bytes=args.allowance_gib * GIB)
     gpu = get_gpu(args.gpu)
     if args.search:
-        if args.gpus is None:
-            raise PlanError("--search needs --gpus")
         if args.global_batch is None and recipe is None:
             raise PlanError("--search needs --global-batch (or a recipe that sets it)")
         base = _layout(argparse.Namespace(**{**vars(args), "tp": 1, "pp": 1}), recipe)

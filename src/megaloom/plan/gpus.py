@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from megaloom.errors import MegaloomError
+from megaloom.plan.layout import PlanError
 
 if TYPE_CHECKING:
     import torch
@@ -35,11 +35,11 @@ class GPUSpec:
     def peak(self, precision: str) -> float:
         """Dense peak FLOP/s for `precision` (bf16, fp16 or fp32); errors if unsupported."""
         if precision not in self.peak_flops:
-            raise MegaloomError(f"unknown precision {precision!r}; use one of "
+            raise PlanError(f"unknown precision {precision!r}; use one of "
                                 f"{', '.join(self.peak_flops)}")
         value = self.peak_flops[precision]
         if value is None:
-            raise MegaloomError(f"{self.name} has no {precision} tensor cores; "
+            raise PlanError(f"{self.name} has no {precision} tensor cores; "
                                 "use --precision fp16")
         return value
 
@@ -73,7 +73,7 @@ def get_gpu(name: str) -> GPUSpec:
     spec = GPUS.get(name.lower())
     if spec is None:
         known = ", ".join(s.name.lower() for s in GPUS.values())
-        raise MegaloomError(f"unknown GPU {name!r}; known: {known}")
+        raise PlanError(f"unknown GPU {name!r}; known: {known}")
     return spec
 
 

@@ -1,0 +1,85 @@
+"""`megaloom plan` end to end through `megaloom.cli.main`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from megaloom.cli import main
+from megaloom.commands.plan import parse_count
+from megaloom.model import preset_config
+from megaloom.plan import count_parameters
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_preset_json(capsys):
+    out = run_json(capsys, "tiny-llama", "--gpus", "4", "--tp", "2", "--pp", "2",
+                   "--global-batch", "8", "--micro-batch", "2", "--tokens", "1M")
+    assert out["parameters"]["total"] == count_parameters(preset_config("tiny-llama"))
+    lay = out["layout"]
+    assert (lay["dp"], lay["num_micro_batches"], lay["precision"]) == (1, 4, "bf16")
+    assert out["flops"]["bubble_fraction"] == pytest.approx(1 / 4)
+    assert out["time"]["iterations"] == -(-1_000_000 // (8 * 128))
+    assert out["memory"]["fits"] is True and len(out["memory"]["stages"]) == 2
+
+
+def test_text_table_states_units(capsys):
+    assert main(["plan", "gpt2-124m", "--gpu", "h100-sxm", "--tokens", "10B"]) == 0
+    text = capsys.readouterr().out
+    assert "GiB (2^30 bytes)" in text and "fits" in text and "training" in text
+
+
+def test_recipe_provides_defaults(tmp_path, capsys):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"arch": "gpt2", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
+                  "seq_len": 64, "vocab_size": 500},
+        "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 10,
+                  "precision": "bf16", "activation_checkpointing": True},
+        "parallel": {"tp": 2, "pp": 2, "sequence_parallel": True},
+    }))
+    out = run_json(capsys, str(recipe), "--gpus", "8")
+    lay = out["layout"]
+    assert (lay["tp"], lay["pp"], lay["dp"], lay["micro_batch"], lay["global_batch"]) == (
+        2, 2, 2, 2, 8)
+    assert (lay["recompute"], lay["sequence_parallel"]) == ("full", True)
+    assert out["time"]["tokens"] == 10 * 8 * 64
+
+
+def test_search_json(capsys):
+    out = run_json(capsys, "gpt2-355m", "--search", "--gpus", "16", "--global-batch", "32",
+                   "--gpu", "a100-40gb", "--top", "5")
+    assert 1 <= len(out["plans"]) <= 5
+    for plan in out["plans"]:
+        lay = plan["layout"]
+        assert lay["tp"] * lay["pp"] * lay["dp"] == 16 and plan["memory"]["fits"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["tiny", "--tp", "3", "--gpus", "3"], "--tp 3 does not divide model.num_heads=4"),
+    (["tiny", "--tp", "2", "--gpus", "6", "--pp", "2"], "not divisible by tp x pp"),
+    (["tiny", "--gpus", "4", "--global-batch", "6"], "--global-batch 6 is not divisible"),
+    (["tiny", "--pp", "3", "--gpus", "3"], "num_layers=4 is not divisible"),
+    (["no-such-model"], "neither a YAML file nor a preset"),
+    (["tiny", "--gpu", "v100"], "no bf16"),
+    (["tiny", "--tflops", "5000"], "exceeds"),
+    (["tiny", "--search"], "--search needs --gpus"),
+    (["tiny", "--search", "--gpus", "2", "--tp", "2"], "--search chooses --tp itself"),
+    (["tiny", "--search", "--gpus", "2"], "--search needs --global-batch"),
+])
+def test_errors_are_one_line(capsys, argv, message):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_parse_count():
+    assert parse_count("270B") == 270e9
+    assert parse_count("2.7e11") == 2.7e11
+    assert parse_count("300m") == 300e6

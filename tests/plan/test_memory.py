@@ -1,0 +1,131 @@
+"""Memory terms against Korthikanti et al. 2022 and the Megatron bytes-per-parameter table."""
+
+from __future__ import annotations
+
+import pytest
+
+from megaloom.config import ModelConfig
+from megaloom.plan.estimate import estimate
+from megaloom.plan.gpus import GIB, get_gpu
+from megaloom.plan.layout import Layout, PlanError
+from megaloom.plan.memory import (
+    activation_coefficients,
+    inflight_layers,
+    layer_activation_bytes,
+    output_activation_bytes,
+    recompute_working_bytes,
+)
+from megaloom.plan.params import parameters_per_gpu, stage_parameters
+
+# s=32, b=2, h=64, a=4: sbh = 4096, 5as/h = 10.
+GPT2 = ModelConfig(arch="gpt2", num_layers=4, hidden_size=64, num_heads=4, seq_len=32,
+                   vocab_size=1000)
+S, B = 32, 2
+SBH = S * B * 64
+
+
+def test_gpt2_coefficients_are_the_papers():
+    coeffs = activation_coefficients(GPT2)
+    assert (coeffs.replicated, coeffs.sharded) == (10, 24)
+
+
+@pytest.mark.parametrize("tp,sp,recompute,expected", [
+    (1, False, "none", SBH * (34 + 10)),  # sbh(34 + 5as/h)
+    (2, False, "none", SBH * (10 + 24 / 2 + 10 / 2)),  # sbh(10 + 24/t + 5as/(ht))
+    (4, True, "none", SBH / 4 * (34 + 10)),  # sbh/t (34 + 5as/h)
+    (2, False, "selective", SBH * (10 + 24 / 2)),
+    (4, True, "selective", SBH / 4 * 34),
+    (2, False, "full", 2 * SBH),
+    (4, True, "full", 2 * SBH / 4),
+])
+def test_layer_activations_follow_korthikanti(tp, sp, recompute, expected):
+    assert layer_activation_bytes(GPT2, S, B, tp, sp, recompute) == pytest.approx(expected)
+
+
+def test_swiglu_gqa_coefficients_hand_derived():
+    # h=64, a=8, a_kv=2 (g=1/4), f=192 (3h): split = Q 2 + K,V 4g + proj 2 + SwiGLU 8f/h.
+    llama = ModelConfig(arch="llama", num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=2,
+                        ffn_hidden_size=192, seq_len=16)
+    coeffs = activation_coefficients(llama)
+    assert coeffs.sharded == pytest.approx(2 + 1 + 2 + 24)
+    assert coeffs.replicated == 10
+    sbh = 16 * 1 * 64
+    scores = 5 * 8 * 16 / 64
+    assert layer_activation_bytes(llama, 16, 1, 1, False, "none") == pytest.approx(
+        sbh * (10 + 29 + scores))
+
+
+def test_recompute_working_set():
+    assert recompute_working_bytes(GPT2, S, B, 2, False, "none") == 0
+    assert recompute_working_bytes(GPT2, S, B, 2, False, "selective") == pytest.approx(
+        SBH * 10 / 2)  # the s x s scores of one layer, split over tp
+    assert recompute_working_bytes(GPT2, S, B, 2, True, "full") == pytest.approx(
+        SBH / 2 * 44)  # one whole layer, as without recomputation
+
+
+def test_output_activations():
+    vocab = GPT2.padded_vocab_size
+    assert output_activation_bytes(GPT2, S, B, 2, False) == 4 * SBH + 4 * S * B * vocab / 2
+    assert output_activation_bytes(GPT2, S, B, 2, True) == 4 * SBH / 2 + 4 * S * B * vocab / 2
+
+
+@pytest.mark.parametrize("pp,vpp", [(2, 1), (4, 1), (4, 2), (3, 3), (8, 4)])
+def test_first_stage_holds_p_microbatches_times_interleave_factor(pp, vpp):
+    layers = pp * vpp * 2
+    expected = layers * (1 + (pp - 1) / (pp * vpp)) if vpp > 1 else layers
+    assert inflight_layers(layers, pp, vpp, num_micro_batches=64, stage=0) == pytest.approx(
+        expected)
+
+
+def test_inflight_later_stages_and_few_micro_batches():
+    assert inflight_layers(8, 4, 1, 64, stage=3) == 2  # the last stage: one micro-batch
+    assert inflight_layers(8, 4, 1, 64, stage=1) == 6  # p - 1 micro-batches of 2 layers
+    assert inflight_layers(8, 4, 1, 2, stage=0) == 4  # only m = 2 micro-batches exist
+    assert inflight_layers(8, 1, 1, 5, stage=0) == 8  # no pipeline: one micro-batch at a time
+
+
+def plan_memory(**layout_kwargs):
+    layout = Layout(**{"gpus": 8, "global_batch": 64, **layout_kwargs})
+    return estimate(GPT2, layout, get_gpu("a100-80gb"), allowance_bytes=0)
+
+
+@pytest.mark.parametrize("dist,grad,per_param", [
+    (False, "fp32", 2 + 4 + 12),  # Megatron: 18 bytes per parameter
+    (True, "fp32", 2 + 4 + 12 / 4),  # 6 + 12/d with the distributed optimizer
+    (True, "bf16", 2 + 2 + 12 / 4),
+])
+def test_model_state_bytes_per_parameter(dist, grad, per_param):
+    plan = plan_memory(tp=2, distributed_optimizer=dist, grad_dtype=grad)  # dp = 4
+    mem = plan.memory[0]
+    params = parameters_per_gpu(GPT2, stage_parameters(GPT2, 1)[0], 2)
+    assert mem.params_per_gpu == params
+    assert mem.weights + mem.gradients + mem.optimizer == pytest.approx(params * per_param)
+
+
+def test_fp32_training_keeps_four_byte_weights_and_gradients():
+    mem = plan_memory(precision="fp32").memory[0]
+    assert (mem.weights, mem.gradients, mem.optimizer) == tuple(
+        mem.params_per_gpu * n for n in (4, 4, 8))
+    with pytest.raises(PlanError, match="grad-dtype"):
+        plan_memory(precision="fp32", grad_dtype="bf16")
+
+
+def test_stage_totals_add_up_on_a_pipeline():
+    # pp=2, m = 64 / (4 * 2) = 8: the first stage holds 2 micro-batches of 2 layers.
+    plan = plan_memory(pp=2, micro_batch=4, recompute="selective", sequence_parallel=True,
+                       tp=2)
+    first, last = plan.memory
+    sbh = S * 4 * 64
+    assert first.activations == pytest.approx(2 * 2 * sbh / 2 * 34)
+    assert last.activations == pytest.approx(1 * 2 * sbh / 2 * 34)
+    assert first.output_activations == 0 and last.output_activations > 0
+    assert plan.peak_memory_bytes == max(first.total, last.total)
+    assert plan.fits
+
+
+def test_verdict_does_not_fit():
+    big = ModelConfig(arch="gpt2", num_layers=4, hidden_size=8192, num_heads=64, seq_len=2048)
+    plan = estimate(big, Layout(gpus=1, global_batch=1, precision="fp16"), get_gpu("v100"))
+    # ~3.3B parameters x 18 bytes > 32 GiB before any activation.
+    assert plan.parameters * 18 > 32 * GIB
+    assert not plan.fits
