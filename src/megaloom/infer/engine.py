@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from megaloom.infer.kv_cache import KVCache
+from megaloom.infer.layout import kmajor_view
 from megaloom.infer.params import SamplingError, SamplingParams
 from megaloom.infer.sampling import BatchSampler, token_logprobs
 from megaloom.infer.stop import TextStream
@@ -149,17 +150,25 @@ class Engine:
     `max_batch_size` is the number of cache slots (sequences decoded together); prompts plus
     completions are limited to the model's `seq_len`. `tokenizer` (anything with `encode`,
     `decode` and optionally `eod_id`) is needed for text prompts, text output and stop strings.
+    `kmajor_weights` (default: on CPU) decodes with a transposed copy of the linear weights
+    (`megaloom.infer.layout`), faster on CPU at the cost of that memory; build a new engine
+    after changing the model's weights.
     """
 
-    def __init__(self, model: GPT, tokenizer: object | None = None, max_batch_size: int = 8):
+    def __init__(self, model: GPT, tokenizer: object | None = None, max_batch_size: int = 8,
+                 kmajor_weights: bool | None = None):
         if max_batch_size < 1:
             raise SamplingError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
-        self.model = model.eval()
+        model.eval()
+        param = next(model.parameters())
+        if kmajor_weights is None:
+            kmajor_weights = param.device.type == "cpu"
+        with torch.no_grad():
+            self.model = kmajor_view(model) if kmajor_weights else model
         self.tokenizer = tokenizer
         config = model.config
         self.vocab_size = config.vocab_size
         self.max_len = config.seq_len
-        param = next(model.parameters())
         self.device = param.device
         self.eod_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         with torch.inference_mode():

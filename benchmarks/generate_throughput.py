@@ -1,0 +1,160 @@
+"""Generation throughput: megaloom's engine against Hugging Face `transformers` `generate()`.
+
+Both run the same weights (a ~30M-parameter GPT-2 flavour model built with random weights and
+copied into `GPT2LMHeadModel` through `megaloom.interop.weights`), greedy, fp32, on CPU, in the
+same process after a warm-up. For each batch size it measures:
+
+- time to first token (TTFT): a run with one new token (prefill + first sample),
+- prefill tokens/s: batch * prompt_len / TTFT,
+- decode tokens/s: batch * (new_tokens - 1) / (time of the full run - TTFT).
+
+Each figure is the best of `--repeats` runs, alternating the two frameworks, so a noisy shared
+machine penalises both alike. The greedy outputs of the two are compared as a sanity check.
+
+    python benchmarks/generate_throughput.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from megaloom.config import ModelConfig
+from megaloom.infer import Engine, Request, SamplingParams
+from megaloom.interop.weights import megaloom_to_hf
+from megaloom.model.gpt import GPT
+
+
+def build_models(args: argparse.Namespace) -> tuple[GPT, GPT2LMHeadModel]:
+    config = ModelConfig(arch="gpt2", num_layers=args.layers, hidden_size=args.hidden,
+                         num_heads=args.heads, seq_len=args.seq_len, vocab_size=50257)
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.seq_len,
+                           n_embd=config.hidden_size, n_layer=config.num_layers,
+                           n_head=config.num_heads, activation_function="gelu_new",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           layer_norm_epsilon=config.norm_eps, tie_word_embeddings=True)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    state = megaloom_to_hf(ours.state_dict(), config)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    leftovers = [k for k in missing if not k.endswith("lm_head.weight")
+                 and not k.endswith("attn.bias") and not k.endswith("masked_bias")]
+    if leftovers or unexpected:
+        raise RuntimeError(f"weight copy failed: missing {leftovers}, unexpected {unexpected}")
+    hf.tie_weights()
+    return ours, hf
+
+
+def run_megaloom(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    outputs = engine.generate([Request(p, params) for p in prompts.tolist()])
+    return [o.completions[0].token_ids for o in outputs]
+
+
+def run_hf(model: GPT2LMHeadModel, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    with torch.inference_mode():
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, prompts.shape[1]:].tolist()
+
+
+def timed(fn, *args) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def measure(name: str, fn, model, prompts: torch.Tensor, args, results: dict) -> None:
+    ttft, _ = timed(fn, model, prompts, 1)
+    total, tokens = timed(fn, model, prompts, args.new_tokens)
+    best = results.setdefault(name, {"ttft_s": float("inf"), "total_s": float("inf")})
+    best["ttft_s"] = min(best["ttft_s"], ttft)
+    best["total_s"] = min(best["total_s"], total)
+    best["tokens"] = tokens
+
+
+def bench_batch(batch: int, ours: GPT, hf: GPT2LMHeadModel, args) -> dict:
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, 50257, (batch, args.prompt_len), generator=generator)
+    engine = Engine(ours, max_batch_size=batch)
+    runners = {"megaloom": (run_megaloom, engine), "transformers": (run_hf, hf)}
+    for fn, model in runners.values():  # warm-up
+        fn(model, prompts, 8)
+    results: dict = {}
+    for _ in range(args.repeats):
+        for name, (fn, model) in runners.items():
+            measure(name, fn, model, prompts, args, results)
+    report = {"batch": batch}
+    for name, r in results.items():
+        decode_s = r["total_s"] - r["ttft_s"]
+        report[name] = {
+            "ttft_ms": 1e3 * r["ttft_s"],
+            "prefill_tokens_per_s": batch * args.prompt_len / r["ttft_s"],
+            "decode_tokens_per_s": batch * (args.new_tokens - 1) / decode_s,
+        }
+    report["same_greedy_tokens"] = results["megaloom"]["tokens"] == results["transformers"][
+        "tokens"]
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+        report[f"{key}_ratio"] = report["megaloom"][key] / report["transformers"][key]
+    report["ttft_speedup"] = report["transformers"]["ttft_ms"] / report["megaloom"]["ttft_ms"]
+    return report
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    import transformers
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the results to this JSON file")
+    args = parser.parse_args()
+
+    ours, hf = build_models(args)
+    info = {"machine": machine(), "params_m": ours.num_parameters() / 1e6,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+    print(f"machine: {info['machine']}")
+    print(f"model: gpt2 flavour, {info['params_m']:.1f}M parameters, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy, fp32")
+    for batch in args.batches:
+        report = bench_batch(batch, ours, hf, args)
+        info["runs"].append(report)
+        for name in ("megaloom", "transformers"):
+            r = report[name]
+            print(f"batch {batch:2d} {name:12s} decode {r['decode_tokens_per_s']:8.1f} tok/s  "
+                  f"prefill {r['prefill_tokens_per_s']:8.1f} tok/s  TTFT {r['ttft_ms']:7.1f} ms")
+        print(f"batch {batch:2d} ratios: decode {report['decode_tokens_per_s_ratio']:.2f}x  "
+              f"prefill {report['prefill_tokens_per_s_ratio']:.2f}x  "
+              f"TTFT {report['ttft_speedup']:.2f}x  same greedy tokens: "
+              f"{report['same_greedy_tokens']}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
