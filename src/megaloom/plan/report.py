@@ -27,7 +27,8 @@ def format_duration(seconds: float) -> str:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
+    value = n / GIB
+    return f"{value:,.2f}" if value >= 0.01 or value == 0 else f"{value:.2g}"
 
 
 def describe_model(plan: Plan) -> str:

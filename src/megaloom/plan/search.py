@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from megaloom.config import ModelConfig
-from megaloom.plan.estimate import Plan, estimate
+from megaloom.plan.estimate import DEFAULT_ALLOWANCE_BYTES, Plan, estimate
 from megaloom.plan.gpus import GPUSpec
 from megaloom.plan.layout import RECOMPUTE_CHOICES, Layout, PlanError
 
@@ -52,16 +52,25 @@ def candidate_layouts(model: ModelConfig, base: Layout, gpus_per_node: int) -> I
                             continue
 
 
+def _rank(plan: Plan) -> tuple:
+    """Time (to 6 significant digits), then fewer model-parallel GPUs, larger micro-batches,
+    less memory."""
+    lay = plan.layout
+    return (float(f"{plan.seconds_per_iteration:.6g}"), lay.tp * lay.pp, -lay.micro_batch,
+            plan.peak_memory_bytes)
+
+
 def search(model: ModelConfig, base: Layout, gpu: GPUSpec, *, gpus_per_node: int = 8,
-           top: int | None = None, **rate_and_memory) -> list[Plan]:
-    """Plans of every fitting layout, fastest first; `rate_and_memory` goes to `estimate`
-    (mfu or tflops, tokens, allowance_bytes)."""
-    plans = [
-        plan
-        for layout in candidate_layouts(model, base, gpus_per_node)
-        if (plan := estimate(model, layout, gpu, gpus_per_node=gpus_per_node,
-                             **rate_and_memory)).fits
-    ]
-    plans.sort(key=lambda p: (float(f"{p.seconds_per_iteration:.6g}"), p.layout.tp * p.layout.pp,
-                              -p.layout.micro_batch, p.peak_memory_bytes))
+           top: int | None = None, mfu: float | None = None, tflops: float | None = None,
+           tokens: float | None = None,
+           allowance_bytes: float = DEFAULT_ALLOWANCE_BYTES) -> list[Plan]:
+    """Plans of every fitting layout of `base.gpus` GPUs, fastest first (`top` of them when
+    given); the rate, tokens and allowance are passed to `estimate`."""
+    plans = []
+    for layout in candidate_layouts(model, base, gpus_per_node):
+        plan = estimate(model, layout, gpu, mfu=mfu, tflops=tflops, tokens=tokens,
+                        allowance_bytes=allowance_bytes, gpus_per_node=gpus_per_node)
+        if plan.fits:
+            plans.append(plan)
+    plans.sort(key=_rank)
     return plans[:top] if top else plans
