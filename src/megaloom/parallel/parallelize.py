@@ -1,0 +1,178 @@
+"""Turn a plain `GPT` into this rank's part of a (tp, pp, dp) layout, and back.
+
+`parallelize` keeps this rank's pipeline stage, swaps Linear/Embedding modules for their
+tensor-parallel versions (slicing the full, layout-independent initial weights), and wires
+sequence parallelism and the dropout RNG streams. `gather_full` / `load_full` convert between
+this rank's shards and full tensors named as in the plain model, which is what makes checkpoints
+independent of the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaloom.model.gpt import GPT
+from megaloom.parallel.layers import (
+    ColumnParallelLinear,
+    ForkedDropout,
+    RowParallelLinear,
+    SequenceShardedEmbedding,
+    VocabParallelEmbedding,
+    shard_tensor,
+)
+from megaloom.parallel.pipeline import split_stage
+from megaloom.parallel.random import TP_STREAM, RNGTracker
+from megaloom.parallel.topology import Axis, Topology
+
+
+def check_layout(model: GPT, topo: Topology, sequence_parallel: bool) -> None:
+    """Reject a layout the model cannot be split into, naming the config key."""
+    cfg, tp = model.config, topo.tp
+    problems = {
+        "model.num_kv_heads": cfg.num_kv_heads % tp,
+        "model.ffn_hidden_size": cfg.ffn_hidden_size % tp,
+        "model.seq_len": cfg.seq_len % tp if sequence_parallel else 0,
+    }
+    for key, remainder in problems.items():
+        if remainder:
+            raise ValueError(f"{key}={getattr(cfg, key.split('.')[1])} is not divisible by "
+                             f"parallel.tp={tp}")
+    if cfg.num_layers < topo.pp:
+        raise ValueError(f"model.num_layers={cfg.num_layers} is smaller than parallel.pp="
+                         f"{topo.pp}")
+
+
+def parallelize(
+    model: GPT,
+    topo: Topology,
+    sequence_parallel: bool = False,
+    tracker: RNGTracker | None = None,
+) -> GPT:
+    """Shard `model` in place for this rank and move it to `topo.device`; returns it.
+
+    `tracker` (from `random.seed_everything`) supplies the per-tp-rank dropout stream; it is
+    only needed when the model has dropout and tp > 1.
+    """
+    check_layout(model, topo, sequence_parallel)
+    cfg, axis = model.config, topo.tp_axis
+    sp = sequence_parallel and topo.tp > 1
+    tied = cfg.tie_embeddings
+    split_stage(model, topo)
+    for block in model.layers.values():
+        attn, mlp = block.attn, block.mlp
+        attn.qkv = ColumnParallelLinear(attn.qkv, axis, sp)
+        attn.proj = RowParallelLinear(attn.proj, axis, sp)
+        mlp.up = ColumnParallelLinear(mlp.up, axis, sp)
+        if mlp.gate is not None:
+            mlp.gate = ColumnParallelLinear(mlp.gate, axis, sp)
+        mlp.down = RowParallelLinear(mlp.down, axis, sp)
+        if sp:
+            for norm in (block.attn_norm, block.mlp_norm):
+                _mark_sequence_parallel(norm)
+        if cfg.dropout > 0 and topo.tp > 1:
+            _fork_during_forward(attn, _need(tracker))  # attention dropout acts on local heads
+            if sp:
+                block.dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
+    if model.embed is not None:
+        model.embed = VocabParallelEmbedding(model.embed, axis, sp)
+        if sp and model.pos_embed is not None:
+            model.pos_embed = SequenceShardedEmbedding(model.pos_embed, axis)
+        if sp and cfg.dropout > 0:
+            model.embed_dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
+    if model.final_norm is not None and sp:
+        _mark_sequence_parallel(model.final_norm)
+    if model.lm_head is not None:
+        model.lm_head = ColumnParallelLinear(model.lm_head, axis, sp)
+        if tied and model.embed is not None:
+            model.lm_head.weight = model.embed.weight
+        else:
+            model.lm_head.weight.embedding = tied  # the last stage's copy of a tied embedding
+    if tied and topo.pp > 1:
+        stage_copy = model.embed.weight if model.embed is not None else model.lm_head.weight
+        stage_copy.tied_embedding = True
+        stage_copy.norm_duplicate = model.embed is None
+    return model.to(topo.device)
+
+
+def _need(tracker: RNGTracker | None) -> RNGTracker:
+    if tracker is None:
+        raise ValueError("dropout under tensor parallelism needs an RNG tracker "
+                         "(megaloom.parallel.random.seed_everything)")
+    return tracker
+
+
+def _mark_sequence_parallel(module: nn.Module) -> None:
+    for param in module.parameters():
+        param.sequence_parallel = True
+
+
+def _fork_during_forward(module: nn.Module, tracker: RNGTracker) -> None:
+    """Run `module.forward` inside the tensor-parallel RNG stream."""
+    active = []
+
+    def enter(_module, _args):
+        context = tracker.fork(TP_STREAM)
+        context.__enter__()
+        active.append(context)
+
+    def leave(_module, _args, _output):
+        active.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave)
+
+
+# ----------------------------------------------------------------------------- full tensors
+
+
+def gather_tensor(local: torch.Tensor, param: nn.Parameter, axis: Axis) -> torch.Tensor:
+    """The full tensor of a (possibly tp-sharded) parameter-shaped `local`, padding removed."""
+    dim = getattr(param, "tp_dim", None)
+    if dim is None:
+        return local
+    return axis.all_gather(local, dim).narrow(dim, 0, param.tp_full)
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter by its plain-model name (a tied weight appears under both names)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def gather_full(
+    tensors: dict[str, torch.Tensor], model: nn.Module, topo: Topology
+) -> dict[str, torch.Tensor] | None:
+    """Gather parameter-shaped `tensors` (by name) from all tp ranks and pp stages; the full
+    dict (on CPU) is returned on global rank 0, None elsewhere. Every rank must call it."""
+    params = named_parameters(model)
+    full = {name: gather_tensor(t.detach(), params[name], topo.tp_axis).to("cpu", copy=True)
+            for name, t in tensors.items()}
+    if topo.tp_axis.rank != 0 or topo.dp_axis.rank != 0:
+        return None
+    if topo.pp > 1:
+        parts = [None] * topo.pp if topo.is_first_stage else None
+        dist.gather_object(full, parts, dst=topo.pp_axis.ranks[0], group=topo.pp_axis.group)
+        if not topo.is_first_stage:
+            return None
+        full = {name: t for part in parts for name, t in part.items()}
+    return full
+
+
+def gather_full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
+    """The plain `GPT` state dict on global rank 0 (None elsewhere)."""
+    return gather_full(named_parameters(model), model, topo)
+
+
+def local_slice(full: torch.Tensor, param: nn.Parameter, axis: Axis) -> torch.Tensor:
+    dim = getattr(param, "tp_dim", None)
+    return full if dim is None else shard_tensor(full, axis, dim)
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], topo: Topology) -> None:
+    """Copy this rank's slices of a plain `GPT` state dict into the parallelized `model`."""
+    for name, param in named_parameters(model).items():
+        if name not in full:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        param.copy_(local_slice(full[name], param, topo.tp_axis))

@@ -1,0 +1,134 @@
+"""Pipeline parallelism: the stage split and the 1F1B schedule over micro-batches.
+
+Hand-written over `batch_isend_irecv` (rather than `torch.distributed.pipelining`) so the same
+function runs one stage (pp=1: forward then backward per micro-batch) or many, the loss is
+normalised by a global token count, tied embeddings stay plain parameters and gloo works.
+Stage `i` owns a contiguous block of layers; the first also owns the embeddings, the last the
+final norm and the head. Activations crossing stages keep their tp layout (sequence shards
+under sequence parallelism), and every stage gets the full `positions` (RoPE needs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megaloom.parallel.topology import Topology
+
+
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """Layers of `stage`: contiguous, balanced, earlier stages taking the remainder."""
+    if num_layers < pp:
+        raise ValueError(f"model.num_layers={num_layers} is smaller than parallel.pp={pp}")
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
+
+
+def split_stage(model: nn.Module, topo: Topology) -> None:
+    """Drop in place what this rank's stage does not own (layer names keep global indices)."""
+    keep = {str(i) for i in stage_layers(len(model.layers), topo.pp, topo.pp_axis.rank)}
+    for name in [n for n in model.layers if n not in keep]:
+        del model.layers[name]
+    if not topo.is_first_stage:
+        model.embed = None
+        model.pos_embed = None
+    if not topo.is_last_stage:
+        model.final_norm = None
+        model.lm_head = None
+
+
+class _P2P:
+    """Point-to-point transfers with the neighbouring stages, counted on the pp axis."""
+
+    def __init__(self, topo: Topology, shape: tuple[int, ...], dtype: torch.dtype):
+        self.axis = topo.pp_axis
+        self.shape, self.dtype, self.device = shape, dtype, topo.device
+        ranks, me = self.axis.ranks, self.axis.rank
+        self.prev = ranks[me - 1] if me > 0 else None
+        self.next = ranks[me + 1] if me + 1 < len(ranks) else None
+
+    def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        """Post all sends/receives at once; return (from_prev, from_next)."""
+        ops, received = [], {}
+        for tensor, peer in ((send_next, self.next), (send_prev, self.prev)):
+            if tensor is not None:
+                self.axis._count("send", tensor.numel())
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.axis.group))
+        for wanted, peer, key in ((recv_prev, self.prev, "prev"), (recv_next, self.next, "next")):
+            if wanted:
+                buf = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                received[key] = buf
+                ops.append(dist.P2POp(dist.irecv, buf, peer, self.axis.group))
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        return received.get("prev"), received.get("next")
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    topo: Topology,
+    loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    sequence_parallel: bool = False,
+    loss_scale: float = 1.0,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Run forward and backward of every micro-batch with the 1F1B schedule; gradients
+    accumulate in `.grad`. `loss_fn(stage_output, micro_batch)` runs on the last stage and
+    should already be normalised (e.g. summed token losses / global token count).
+
+    Returns the sum of the micro-batch losses (unscaled) on the last stage, 0 elsewhere.
+    """
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    batch, seq = micro_batches[0]["tokens"].shape
+    seq = seq // topo.tp if sequence_parallel else seq
+    p2p = _P2P(topo, (batch, seq, model.config.hidden_size), dtype)
+    first, last = topo.is_first_stage, topo.is_last_stage
+    total = torch.zeros((), dtype=torch.float64, device=topo.device)
+    in_flight: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+
+    def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
+        nonlocal total
+        batch = micro_batches[index]
+        tokens = batch["tokens"]
+        inputs = tokens if first else received.requires_grad_()
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        with forward_context():
+            output = model(inputs, positions=positions)
+            if last:
+                output = loss_fn(output, batch)
+        if last:
+            total += output.detach().double()
+            output = output * loss_scale
+        in_flight.append((None if first else inputs, output))
+        return output
+
+    def backward(grad_output: torch.Tensor | None) -> torch.Tensor | None:
+        inputs, output = in_flight.pop(0)
+        torch.autograd.backward(output, grad_tensors=None if last else grad_output)
+        return None if first else inputs.grad
+
+    count = len(micro_batches)
+    warmup = min(topo.pp - topo.pp_axis.rank - 1, count)
+    for index in range(warmup):
+        received, _ = p2p.exchange(recv_prev=not first)
+        output = forward(index, received)
+        p2p.exchange(send_next=None if last else output.detach())
+    received = p2p.exchange(recv_prev=not first)[0] if warmup < count else None
+    for index in range(warmup, count):
+        output = forward(index, received)
+        _, grad_output = p2p.exchange(send_next=None if last else output.detach(),
+                                      recv_next=not last)
+        grad_input = backward(grad_output)
+        more = index + 1 < count
+        received, _ = p2p.exchange(send_prev=grad_input, recv_prev=more and not first)
+    for _ in range(warmup):
+        _, grad_output = p2p.exchange(recv_next=not last)
+        p2p.exchange(send_prev=backward(grad_output))
+    return total
