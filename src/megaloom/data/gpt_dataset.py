@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from megaloom.config import ConfigError, DataConfig
+from megaloom.data.blend import BlendedDataset, blend_counts, parse_blend
 from megaloom.data.index_cache import cached_arrays, file_fingerprint
 from megaloom.data.indexed import IndexedReader, idx_path
 from megaloom.errors import DataError
@@ -97,6 +98,10 @@ class GPTDataset:
         return out
 
 
+Dataset = GPTDataset | BlendedDataset
+"""What `build_gpt_datasets` returns: `len(ds)` samples, `ds[i]` int64 array of seq_len + 1."""
+
+
 def build_index_arrays(reader: IndexedReader, documents: tuple[int, int], seq_len: int,
                        num_samples: int, seed: int | list[int], name: str = "train"
                        ) -> dict[str, np.ndarray]:
@@ -132,11 +137,10 @@ def build_index_arrays(reader: IndexedReader, documents: tuple[int, int], seq_le
 
 
 def build_gpt_datasets(data_config: DataConfig, seq_len: int, seed: int,
-                       num_samples: tuple[int, int, int]):
-    """Train, valid and test datasets (each `None` when its split weight or requested sample
-    count is zero); several prefixes are blended by their weights."""
-    from megaloom.data.blend import BlendedDataset, blend_counts, parse_blend
-
+                       num_samples: tuple[int, int, int]) -> tuple[Dataset | None, ...]:
+    """Train, valid and test datasets of `num_samples` samples each (`None` where the split
+    weight or the requested count is zero); several prefixes are blended by their weights
+    (a plain list of prefixes is weighted by token count, as if concatenated)."""
     split = parse_split(data_config.split)
     prefixes, weights = parse_blend(data_config.prefixes)
     if not prefixes:

@@ -43,10 +43,12 @@ def cached_arrays(cache_dir: str | Path | None, name: str, key: dict[str, Any],
     entry = Path(cache_dir) / f"{name}-{digest}"
     if not (entry / "key.json").is_file():
         arrays = build()
+        if (entry / "key.json").is_file():  # another process (rank) finished first
+            return arrays
         with atomic_dir(entry) as tmp:
             for array_name, array in arrays.items():
                 np.save(tmp / f"{array_name}.npy", array)
-            (tmp / "key.json").write_text(text + "\n", encoding="utf-8")  # written last
+            (tmp / "key.json").write_text(text + "\n", encoding="utf-8")
         logger.info("cached index arrays in %s", entry)
     else:
         logger.debug("reusing cached index arrays in %s", entry)
