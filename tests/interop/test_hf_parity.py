@@ -2,6 +2,7 @@
 Llama shapes (grouped-query and multi-query attention, tied/untied heads, padded vocabularies).
 """
 
+import pytest
 import torch
 from hf_reference import greedy, hf_model, megaloom_config, randomize_, tokens
 from transformers import AutoModelForCausalLM
@@ -59,6 +60,7 @@ def test_greedy_generation_matches_transformers(tmp_path, shape):
     assert ours.tolist() == theirs.tolist()
 
 
+@pytest.mark.parametrize("shape", ["gpt2-tied-padded", "llama-gqa-untied"])
 def test_kv_cached_engine_on_hf_dir_matches_transformers(tmp_path, shape):
     """What `megaloom generate hf:DIR` runs: `load_model("hf:DIR")` and the KV-cached engine,
     two prompts of different lengths batched together."""
