@@ -54,8 +54,12 @@ def load_hf_model(
     with torch.device("meta"):
         model = GPT(model_config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = hf_to_megaloom(read_hf_weights(hf_dir), model_config, expected)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+    hf_state = read_hf_weights(hf_dir)
+    try:
+        state = hf_to_megaloom(hf_state, model_config, expected)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{hf_dir}: {exc}") from exc
+    state = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
     if model_config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -64,6 +64,12 @@ def _top_pairs(config: ModelConfig) -> list[Pair]:
     return pairs
 
 
+def _all_pairs(config: ModelConfig) -> list[Pair]:
+    """Every one-to-one tensor (all but the fused qkv)."""
+    return _top_pairs(config) + [p for i in range(config.num_layers)
+                                 for p in _layer_pairs(config, i)]
+
+
 def _qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
     if config.arch == "gpt2":
         return [f"transformer.h.{i}.attn.c_attn.{kind}"]
@@ -130,9 +136,7 @@ def hf_to_megaloom(hf: dict[str, torch.Tensor], config: ModelConfig,
                                   f"{embed_name}; set tie_word_embeddings=false in config.json")
     out: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}
-    pairs = _top_pairs(config) + [p for i in range(config.num_layers)
-                                  for p in _layer_pairs(config, i)]
-    for ours, theirs, transposed in pairs:
+    for ours, theirs, transposed in _all_pairs(config):
         tensor = take(theirs)
         out[ours] = tensor.t() if transposed else tensor
         sources[ours] = theirs
@@ -170,9 +174,7 @@ def megaloom_to_hf(state: dict[str, torch.Tensor], config: ModelConfig
     """A HF state dict (names as `save_pretrained` writes them) from a megaloom state dict.
     Padding vocabulary rows are dropped; a tied head is omitted, as HF does."""
     out: dict[str, torch.Tensor] = {}
-    pairs = _top_pairs(config) + [p for i in range(config.num_layers)
-                                  for p in _layer_pairs(config, i)]
-    for ours, theirs, transposed in pairs:
+    for ours, theirs, transposed in _all_pairs(config):
         tensor = state[ours]
         if ours in ("embed.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]
