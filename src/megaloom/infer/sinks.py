@@ -1,0 +1,156 @@
+"""Where finished generations go: a JSONL file or a SQL database (SQLAlchemy).
+
+Owns the stored record (`GenerationRecord`) and two sinks with the same small interface,
+`write(records)` and `close()`:
+
+- `JsonlSink` appends one JSON object per line, each line written with a single `write` and
+  flushed, so reruns append and an interrupted run leaves only whole lines.
+- `DatabaseSink` creates the `generations` table when missing and inserts each request's
+  records in one transaction, so an interrupted run never leaves half-written records and
+  reruns append. It connects when built, so a bad URL or an unreachable server is reported
+  before any generation starts. `sqlite:///generations.db` is the embedded default; any
+  PostgreSQL URL works (driven by psycopg 3; `postgresql://` URLs are routed to it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from megaloom.errors import MegaloomError
+from megaloom.infer.engine import RequestOutput
+
+DEFAULT_DB_URL = "sqlite:///generations.db"
+
+METADATA = sa.MetaData()
+GENERATIONS = sa.Table(
+    "generations",
+    METADATA,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("draft_index", sa.Integer, nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("completion", sa.Text, nullable=False),
+    sa.Column("finish_reason", sa.String(16), nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("latency_s", sa.Float, nullable=False),
+)
+
+
+@dataclass
+class GenerationRecord:
+    """One stored completion (one draft of one prompt)."""
+
+    model: str
+    prompt: str
+    draft_index: int
+    params: dict[str, Any]
+    completion: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["created_at"] = self.created_at.isoformat()
+        row.update(row.pop("extra"))
+        return row
+
+
+def records_from(output: RequestOutput, model: str) -> list[GenerationRecord]:
+    """The records of a finished request, one per draft (logprobs go to `extra`)."""
+    prompt = output.prompt if output.prompt is not None else json.dumps(output.prompt_token_ids)
+    records = []
+    for completion in output.completions:
+        extra: dict[str, Any] = {}
+        if completion.logprobs is not None:
+            extra["logprobs"] = [asdict(lp) for lp in completion.logprobs]
+        if output.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = [lp and asdict(lp) for lp in output.prompt_logprobs]
+        records.append(GenerationRecord(
+            model=model, prompt=prompt, draft_index=completion.index,
+            params=output.params.to_dict(), completion=completion.text or "",
+            finish_reason=completion.finish_reason or "", prompt_tokens=len(
+                output.prompt_token_ids), completion_tokens=len(completion.token_ids),
+            latency_s=output.latency_s or 0.0, extra=extra))
+    return records
+
+
+class JsonlSink:
+    """Appends records to a JSONL file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MegaloomError(f"cannot open {self.path} for appending: {exc}") from None
+
+    def write(self, records: Iterable[GenerationRecord]) -> None:
+        data = "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+        os.write(self._fd, data.encode("utf-8"))
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+class DatabaseSink:
+    """Inserts records into the `generations` table of a SQL database."""
+
+    def __init__(self, url: str = DEFAULT_DB_URL):
+        self.display_url = url
+        try:
+            parsed = sa.make_url(normalize_db_url(url))
+            self.display_url = parsed.render_as_string(hide_password=True)
+            connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == (
+                "postgresql") else {}
+            self.engine = sa.create_engine(parsed, connect_args=connect_args)
+            METADATA.create_all(self.engine)
+            with self.engine.connect() as conn:
+                conn.execute(sa.select(sa.func.count()).select_from(GENERATIONS))
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise MegaloomError(f"bad database URL {url!r}: {exc}") from None
+        except (SQLAlchemyError, ImportError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise MegaloomError(f"cannot use database {self.display_url}: {reason}") from None
+
+    def write(self, records: Iterable[GenerationRecord]) -> None:
+        rows = [{k: v for k, v in asdict(r).items() if k != "extra"} for r in records]
+        if not rows:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(GENERATIONS.insert(), rows)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise MegaloomError(f"writing to database {self.display_url} failed (this "
+                                f"request's records were not stored): {reason}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def normalize_db_url(url: str) -> str:
+    """Route plain PostgreSQL URLs to the psycopg 3 driver megaloom depends on."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
