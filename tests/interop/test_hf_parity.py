@@ -79,3 +79,23 @@ def test_kv_cached_engine_on_hf_dir_matches_transformers(tmp_path, shape):
             theirs = reference.generate(torch.tensor([prompt]), max_new_tokens=32,
                                         do_sample=False, pad_token_id=0)
         assert output.completions[0].token_ids == theirs[0, len(prompt):].tolist()
+
+
+def test_base_model_checkpoint_with_legacy_buffers_loads(tmp_path):
+    """Hub GPT-2 files come from `GPT2Model`: names lack `transformer.` and older ones carry
+    the causal-mask buffers `h.N.attn.bias` / `h.N.attn.masked_bias`."""
+    from safetensors.torch import load_file, save_file
+
+    reference = hf_model("gpt2-tied-padded", seed=13)
+    reference.transformer.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert not any(name.startswith("transformer.") for name in weights)
+    for i in range(2):
+        weights[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        weights[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, config, _ = load_hf_model(tmp_path)
+    ids = tokens(config.model.vocab_size, seed=14)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids)[..., : config.model.vocab_size],
+                                   reference(ids).logits, atol=ATOL, rtol=0)
