@@ -82,11 +82,13 @@ class Attention(nn.Module):
                               bias=config.bias)
 
     def forward(self, x_bsh: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        batch, seq, _ = x_bsh.shape
         q_per_kv = self.num_heads // self.num_kv_heads
-        # Groups are counted from the local weight so a tensor-parallel shard runs this code too.
+        # Groups are counted from the local weight so a tensor-parallel shard runs this code too,
+        # and the shape from qkv's output (sequence parallelism gathers the sequence inside qkv).
         kv_heads = self.qkv.out_features // ((q_per_kv + 2) * self.head_dim)
-        qkv = self.qkv(x_bsh).view(batch, seq, kv_heads, q_per_kv + 2, self.head_dim)
+        qkv = self.qkv(x_bsh)
+        batch, seq = qkv.shape[:2]
+        qkv = qkv.view(batch, seq, kv_heads, q_per_kv + 2, self.head_dim)
         q_bnsd = qkv[:, :, :, :q_per_kv].reshape(batch, seq, kv_heads * q_per_kv, self.head_dim)
         q_bnsd = q_bnsd.transpose(1, 2)
         k_bnsd = qkv[:, :, :, q_per_kv].transpose(1, 2)
