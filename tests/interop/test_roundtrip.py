@@ -122,3 +122,15 @@ def test_convert_refuses_a_non_empty_output_and_keeps_it(tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
     assert main(["convert", "megaloom-to-hf", f"hf:{tmp_path / 'hf'}", str(tmp_path / "out")]) == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+
+def test_shard_sizes_parse_like_transformers_and_typos_fail(tmp_path, capsys):
+    from megaloom.interop.safetensors_io import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("20KB") == 20_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size(1234) == 1234
+    assert main(["convert", "megaloom-to-hf", "hf:nowhere", str(tmp_path / "o"),
+                 "--max-shard-size", "5XB"]) == 2
+    assert "5XB" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from megaloom.interop.safetensors_io import DEFAULT_MAX_SHARD_SIZE
+from megaloom.interop.safetensors_io import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 NAME = "convert"
 HELP = "convert checkpoints between Hugging Face (GPT-2, Llama) and megaloom formats"
@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         from megaloom.train.checkpoint import load_model
 
+        max_shard_size = parse_size(args.max_shard_size)  # a typo fails before the slow load
         model, config, tokenizer_path = load_model(args.checkpoint)
         out = export_hf(model, config, args.out, tokenizer_path=tokenizer_path,
-                        max_shard_size=args.max_shard_size,
+                        max_shard_size=max_shard_size,
                         dtype=DTYPES[args.dtype] if args.dtype else None)
     print(out)
     return 0
