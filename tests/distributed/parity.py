@@ -95,7 +95,7 @@ def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel
                     "targets": tokens[i:i + MICRO_BATCH, 1:], "loss_mask": mask[i:i + MICRO_BATCH]}
                    for i in range(0, per_rank, MICRO_BATCH)]
 
-        def loss_fn(logits, batch):
+        def loss_fn(logits, batch, denominator=denominator):
             return parallel_lm_loss(logits, batch["targets"], topo.tp_axis, cfg.vocab_size,
                                     batch["loss_mask"]) / denominator
 

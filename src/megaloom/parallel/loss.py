@@ -18,7 +18,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         local_vocab = logits.shape[-1]
         start = axis.rank * local_vocab
         columns = torch.arange(start, start + local_vocab, device=logits.device)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).masked_fill(columns >= vocab_size, float("-inf"))
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        logits = logits.to(wide).masked_fill(columns >= vocab_size, float("-inf"))
         row_max = axis.all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
         exp = (logits - row_max[..., None]).exp()
         sum_exp = axis.all_reduce(exp.sum(dim=-1))
@@ -40,7 +41,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(
     local_logits: torch.Tensor, targets: torch.Tensor, axis: Axis, vocab_size: int
 ) -> torch.Tensor:
-    """Per-token losses (in float32, or the logits' dtype when wider) from this rank's vocabulary slice of the logits."""
+    """Per-token losses (float32, or the logits' dtype when wider) from this rank's slice of
+    the vocabulary columns of the logits."""
     return _VocabParallelCrossEntropy.apply(local_logits, targets, axis, vocab_size)
 
 
