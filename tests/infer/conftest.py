@@ -31,7 +31,7 @@ def tokenizer(tokenizer_path) -> Tokenizer:
     return Tokenizer.from_file(tokenizer_path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_model():
     return build_model
 

@@ -156,9 +156,9 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
 
 
 def generate(engine: Engine, model_name: str, prompts: list[str], params: SamplingParams,
-             sinks: list, stream: bool, out: TextIO = sys.stdout) -> list:
-    """Run every prompt; stream to `out` or write each finished request to the sinks."""
-    printer = StreamPrinter(prompts, params.n, out) if stream else None
+             sinks: list, stream: bool, out: TextIO | None = None) -> list:
+    """Run every prompt; stream to `out` (stdout) or write each finished request to sinks."""
+    printer = StreamPrinter(prompts, params.n, out or sys.stdout) if stream else None
     requests = [Request(p, params, request_id=f"prompt-{i}",
                         on_event=printer.on_event if printer else None)
                 for i, p in enumerate(prompts)]
