@@ -173,18 +173,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    # The hooks below are what `megaloom.parallel.trainer.ParallelTrainer` overrides.
+    is_main = True  # whether this process writes metrics, plots and progress
+
+    def loss_and_gradients(self, batches: list[MicroBatch], loss_scale: float) -> float:
+        """Forward and backward over one global batch; return the mean loss per counted token."""
+        denominator = float(sum(mb.loss_mask.sum().item() for mb in batches))
+        return forward_backward(self.model, batches, denominator, self.cfg.precision, loss_scale)
+
+    def clip_gradients(self) -> float:
+        """Clip to `train.grad_clip`; return the pre-clip global gradient norm."""
+        return clip_grad_norm(self.params, self.cfg.grad_clip)
+
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
     def train_step(self) -> dict:
         started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         batches = self.micro_batches(self.step)
-        denominator = float(sum(mb.loss_mask.sum().item() for mb in batches))
         scale = self.scaler.scale if self.scaler else 1.0
-        loss = forward_backward(self.model, batches, denominator, self.cfg.precision, scale)
+        loss = self.loss_and_gradients(batches, scale)
         if self.scaler:
             grads = [p.grad for p in self.params if p.grad is not None]
             torch._foreach_mul_(grads, 1.0 / scale)
-        grad_norm = clip_grad_norm(self.params, self.cfg.grad_clip)
+        grad_norm = self.clip_gradients()
         lr = learning_rate(self.step, self.cfg)
         skipped = not math.isfinite(grad_norm)
         if skipped:
@@ -240,11 +254,11 @@ class Trainer:
         metrics = MetricsLog(self.out_dir, cfg.tensorboard)
         previous = self._install_signal_handlers()
         last_loss = val_loss = None
-        last_saved: Path | None = None
+        last_saved = ckpt.find_latest(self.out_dir) if self.out_dir.exists() else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=0.5)
+                   dynamic_ncols=True, mininterval=0.5, disable=not self.is_main)
         try:
-            while self.step < end and self._stop_signal is None:
+            while self.step < end and not self.stop_requested():
                 record = self.train_step()
                 last_loss = record["loss"]
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
@@ -252,20 +266,20 @@ class Trainer:
                     if val_loss is not None:
                         record["val_loss"] = val_loss
                         record["val_ppl"] = math.exp(min(val_loss, 50.0))
-                if self.step % cfg.log_interval == 0 or "val_loss" in record:
+                if self.is_main and (self.step % cfg.log_interval == 0 or "val_loss" in record):
                     metrics.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 if self.step % cfg.save_interval == 0:
                     last_saved = self.save()
-            if last_saved is None or int(last_saved.name.split("_")[1]) != self.step:
+            if last_saved is None or last_saved.name != ckpt.step_dir_name(self.step):
                 last_saved = self.save()
         finally:
             bar.close()
             metrics.close()
             self._restore_signal_handlers(previous)
-        if (self.out_dir / "metrics.jsonl").stat().st_size:
+        if self.is_main and (self.out_dir / "metrics.jsonl").stat().st_size:
             plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         interrupted = self._stop_signal is not None
         if interrupted:
