@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from megaloom.interop.safetensors_io import DEFAULT_MAX_SHARD_SIZE, parse_size
-
 NAME = "convert"
 HELP = "convert checkpoints between Hugging Face (GPT-2, Llama) and megaloom formats"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     to_hf.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                        help="largest safetensors file before sharding, e.g. 5GB or 500MB "
                             "(default: 5GB)")
-    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    to_hf.add_argument("--dtype", choices=DTYPES, default=None,
                        help="weight dtype of the export (default: the checkpoint's)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from megaloom.interop.hf import export_hf, import_hf
+    from megaloom.interop.safetensors_io import parse_size
 
     if args.direction == "hf-to-megaloom":
         out = import_hf(args.hf_dir, args.out)
@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
         model, config, tokenizer_path = load_model(args.checkpoint)
         out = export_hf(model, config, args.out, tokenizer_path=tokenizer_path,
                         max_shard_size=max_shard_size,
-                        dtype=DTYPES[args.dtype] if args.dtype else None)
+                        dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(out)
     return 0

@@ -44,6 +44,20 @@ def run(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+SAMPLE_PROMPTS = ("The", "In Python,", "def ")
+
+
 def print_samples(checkpoint, count: int) -> None:
-    """Print a few short generations from the final checkpoint."""
-    log.info("sample generation is wired to the inference engine (%s, %d)", checkpoint, count)
+    """Print a few short top-p generations from the final checkpoint."""
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.infer import Engine, Request, SamplingParams
+    from megaloom.train.checkpoint import load_model
+
+    model, _, tokenizer_path = load_model(checkpoint)
+    engine = Engine(model, Tokenizer.from_file(tokenizer_path), max_batch_size=count)
+    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(count)]
+    params = SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0)
+    outputs = engine.generate([Request(prompt, params) for prompt in prompts])
+    print("samples:")
+    for prompt, output in zip(prompts, outputs, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{output.completions[0].text}")

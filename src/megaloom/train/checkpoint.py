@@ -92,7 +92,7 @@ def save_checkpoint(
 ) -> Path:
     """Save everything needed to resume exactly after `step`; return the checkpoint path."""
     root = Path(out_dir) / "checkpoints"
-    name = f"step_{step:08d}"
+    name = step_dir_name(step)
     with atomic_dir(root / name) as tmp:
         write_model_files(tmp, model, config, tokenizer_path)
         torch.save(
@@ -118,9 +118,14 @@ def load_checkpoint(
     try:
         optimizer.load_state_dict(blob["optimizer"])
     except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory}: optimizer state does not match the model: {exc}")
+        raise CheckpointError(
+            f"{directory}: optimizer state does not match the model: {exc}") from exc
     restore_rng_state(blob["rng"])
     return _read(directory / STATE_FILE, lambda p: json.loads(p.read_text()))
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 def capture_rng_state() -> dict[str, torch.Tensor]:

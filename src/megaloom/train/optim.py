@@ -29,9 +29,12 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """PyTorch's fused AdamW kernel (CPU and CUDA): one pass over all parameters per step,
+    far faster than the per-tensor loop PyTorch picks by default on CPU."""
     return torch.optim.AdamW(
         parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
+        fused=True,
     )

@@ -60,10 +60,11 @@ def initial_model(config: Config) -> GPT:
 
 
 def sample_counts(config: Config) -> tuple[int, int, int]:
+    """Samples to index per split: every training step, the fixed validation batches, no test
+    samples (training never reads the test split)."""
     train = config.train
-    evals = train.max_steps // train.eval_interval + 1
     eval_samples = train.eval_iters * train.micro_batch_size
-    return train.max_steps * train.global_batch_size, eval_samples * max(evals, 1), eval_samples
+    return train.max_steps * train.global_batch_size, eval_samples, 0
 
 
 def build_trainer(config: Config, resume: bool = True) -> Trainer:
@@ -77,10 +78,10 @@ def build_trainer(config: Config, resume: bool = True) -> Trainer:
     else:
         model = initial_model(config)  # may name the tokenizer resolve_data needs
         vocab_size = resolve_data(config)
-        if vocab_size != config.model.vocab_size:
+        if vocab_size > config.model.vocab_size:
             raise MegaloomError(
-                f"model.init_from has vocab_size {config.model.vocab_size} but the tokenizer "
-                f"{config.data.tokenizer} has {vocab_size}")
+                f"the tokenizer {config.data.tokenizer} has {vocab_size} tokens but the "
+                f"model.init_from model only {config.model.vocab_size}")
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )

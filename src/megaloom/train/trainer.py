@@ -8,6 +8,7 @@ resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -140,7 +141,8 @@ class Trainer:
         directory = ckpt.resolve_checkpoint(path)
         saved = ckpt.load_config_file(directory).model
         if saved != self.config.model:
-            diffs = [k for k in saved.__dict__ if getattr(saved, k) != getattr(self.config.model, k)]
+            current = self.config.model
+            diffs = [k for k in saved.__dict__ if getattr(saved, k) != getattr(current, k)]
             raise CheckpointError(
                 f"{directory} was trained with a different model config "
                 f"(differs in: {', '.join('model.' + k for k in diffs)})"
@@ -299,10 +301,8 @@ class Trainer:
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread
-                pass
         return previous
 
     @staticmethod
