@@ -160,6 +160,12 @@ class ParallelOptimizer:
             torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
         return norm
 
+    @torch.no_grad()
+    def refresh_shards(self) -> None:
+        """Copy the parameters into the ZeRO shards (after loading weights into the model)."""
+        for shard in self.shards:
+            shard.shard.copy_(shard.local([p.detach() for p in shard.params]))
+
     def step(self) -> None:
         self.optimizer.step()
         for shard in self.shards:

@@ -52,6 +52,15 @@ class _P2P:
         self.prev = ranks[me - 1] if me > 0 else None
         self.next = ranks[me + 1] if me + 1 < len(ranks) else None
 
+    @classmethod
+    def for_model(cls, model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                  topo: Topology, sequence_parallel: bool) -> _P2P:
+        """Transfers of the activations (micro_batch, seq or seq / tp, hidden) of `model`."""
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        batch, seq = micro_batches[0]["tokens"].shape
+        seq = seq // topo.tp if sequence_parallel else seq
+        return cls(topo, (batch, seq, model.config.hidden_size), dtype)
+
     def exchange(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
         """Post all sends/receives at once; return (from_prev, from_next)."""
         ops, received = [], {}
@@ -70,6 +79,39 @@ class _P2P:
         return received.get("prev"), received.get("next")
 
 
+def _stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
+    tokens = batch["tokens"]
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    return model(inputs, positions=positions)
+
+
+@torch.no_grad()
+def forward_only(
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    topo: Topology,
+    loss_fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    sequence_parallel: bool = False,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Evaluation: forward every micro-batch through the stages; the summed `loss_fn` values
+    on the last stage, 0 elsewhere."""
+    total = torch.zeros((), dtype=torch.float64, device=topo.device)
+    if not micro_batches:
+        return total
+    p2p = _P2P.for_model(model, micro_batches, topo, sequence_parallel)
+    for batch in micro_batches:
+        received, _ = p2p.exchange(recv_prev=not topo.is_first_stage)
+        with forward_context():
+            output = _stage_forward(model, batch["tokens"] if received is None else received,
+                                    batch)
+        if topo.is_last_stage:
+            total += loss_fn(output, batch).double()
+        else:
+            p2p.exchange(send_next=output)
+    return total
+
+
 def forward_backward(
     model: nn.Module,
     micro_batches: list[dict[str, torch.Tensor]],
@@ -85,10 +127,7 @@ def forward_backward(
 
     Returns the sum of the micro-batch losses (unscaled) on the last stage, 0 elsewhere.
     """
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    batch, seq = micro_batches[0]["tokens"].shape
-    seq = seq // topo.tp if sequence_parallel else seq
-    p2p = _P2P(topo, (batch, seq, model.config.hidden_size), dtype)
+    p2p = _P2P.for_model(model, micro_batches, topo, sequence_parallel)
     first, last = topo.is_first_stage, topo.is_last_stage
     total = torch.zeros((), dtype=torch.float64, device=topo.device)
     in_flight: list[tuple[torch.Tensor | None, torch.Tensor]] = []
@@ -96,14 +135,11 @@ def forward_backward(
     def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
         nonlocal total
         batch = micro_batches[index]
-        tokens = batch["tokens"]
-        inputs = tokens if first else received.requires_grad_()
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        inputs = batch["tokens"] if first else received.requires_grad_()
         with forward_context():
-            output = model(inputs, positions=positions)
-            if last:
-                output = loss_fn(output, batch)
+            output = _stage_forward(model, inputs, batch)
         if last:
+            output = loss_fn(output, batch)
             total += output.detach().double()
             output = output * loss_scale
         in_flight.append((None if first else inputs, output))
