@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 
 from megaloom.config import load_config
 
@@ -22,19 +25,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse to continue when the output directory has a checkpoint")
     parser.add_argument("--samples", type=int, default=3,
                         help="sample texts to print at the end (0 for none)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="start N processes on this machine with torchrun "
+                             "(dp = N / (parallel.tp x parallel.pp))")
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this command under `torchrun --standalone --nproc-per-node N`."""
+    argv = [a for a in (args.config, *args.overrides) if a is not None]
+    if args.out:
+        argv += ["--out", args.out]
+    if args.no_resume:
+        argv.append("--no-resume")
+    argv += ["--samples", str(args.samples)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "megaloom", "train", *argv]
+    log.info("launching: %s", " ".join(command))
+    return subprocess.call(command)
 
 
 def run(args: argparse.Namespace) -> int:
     from megaloom.train.run import build_trainer
 
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args)
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     config = load_config(config_path, overrides)
-    trainer = build_trainer(config, resume=not args.no_resume)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.parallel.tp * config.parallel.pp > 1:
+        from megaloom.parallel.trainer import build_parallel_trainer
+
+        trainer = build_parallel_trainer(config, resume=not args.no_resume)
+    else:
+        trainer = build_trainer(config, resume=not args.no_resume)
     result = trainer.run()
+    if not trainer.is_main:
+        return 130 if result.interrupted else 0
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.4f} (perplexity "
               f"{min(2.718281828 ** result.val_loss, 1e12):.2f}) at step {result.step}")
