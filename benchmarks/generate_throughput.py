@@ -131,8 +131,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both (default: torch's choice); 1 gives "
+                             "steadier figures on a busy shared machine")
     parser.add_argument("--json", help="write the results to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ours, hf = build_models(args)
     info = {"machine": machine(), "params_m": ours.num_parameters() / 1e6,

@@ -181,3 +181,19 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(make_model):
     assert out.completions[0].token_ids == []
     assert out.completions[0].finish_reason == "length"
     assert [e and e.token_id for e in out.prompt_logprobs] == [None, 4, 5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.accelerator.is_available(), reason="needs an accelerator")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_accelerator_batched_greedy_matches_uncached(make_model, arch):
+    device = torch.accelerator.current_accelerator()
+    model = make_model(arch).to(device)
+    prompts = [[5, 17, 99], [1, 2, 3, 4, 5, 6, 7], [42]]
+    outs = Engine(model, max_batch_size=2).generate([Request(p, greedy(32)) for p in prompts])
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(32):
+                ids.append(int(model(torch.tensor([ids], device=device))[0, -1, :VOCAB].argmax()))
+        assert out.completions[0].token_ids == ids[len(prompt):]

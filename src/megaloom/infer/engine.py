@@ -152,7 +152,8 @@ class Engine:
     `decode` and optionally `eod_id`) is needed for text prompts, text output and stop strings.
     `kmajor_weights` (default: on CPU) decodes with a transposed copy of the linear weights
     (`megaloom.infer.layout`), faster on CPU at the cost of that memory; build a new engine
-    after changing the model's weights.
+    after changing the model's weights. Not thread-safe: call `add_request`, `cancel` and
+    `step` from one thread (an asyncio server runs `step` in a worker and serialises them).
     """
 
     def __init__(self, model: GPT, tokenizer: object | None = None, max_batch_size: int = 8,
