@@ -1,0 +1,88 @@
+"""Chat messages -> prompt text: the tokenizer's own chat template, or megaloom's default.
+
+Owns `ChatTemplate`. A Hugging Face checkpoint's `tokenizer_config.json` (beside
+`tokenizer.json`) may carry a Jinja `chat_template`; it is rendered in Jinja's sandbox with
+`messages`, `add_generation_prompt=True`, `bos_token` and `eos_token`, as `transformers`
+does. Without one, `DEFAULT_TEMPLATE` writes each message as `Role: content` followed by a
+blank line and ends with `Assistant:`, a plain-text layout base models continue sensibly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from megaloom.serve.errors import APIError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: "
+    "{{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ChatTemplate:
+    def __init__(self, source: str = DEFAULT_TEMPLATE, bos_token: str | None = None,
+                 eos_token: str | None = None):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = env.from_string(source)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer_path: str | Path | None, eos_token: str | None
+                      ) -> ChatTemplate:
+        """The template of `tokenizer_config.json` beside the tokenizer, else the default."""
+        config = _tokenizer_config(tokenizer_path)
+        template = config.get("chat_template")
+        bos = _token_text(config.get("bos_token"))
+        eos = _token_text(config.get("eos_token")) or eos_token
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(template, str) and template.strip():
+            return cls(template, bos, eos)
+        return cls(DEFAULT_TEMPLATE, bos, eos)
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True,
+                                         bos_token=self.bos_token or "",
+                                         eos_token=self.eos_token or "")
+        except TemplateError as exc:
+            raise APIError(400, f"messages: the chat template refused them: {exc}",
+                           param="messages", code="chat_template_error") from None
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tokenizer_config(tokenizer_path: str | Path | None) -> dict[str, Any]:
+    if tokenizer_path is None:
+        return {}
+    path = Path(tokenizer_path)
+    path = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else None
