@@ -15,13 +15,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, TextIO
 
 from megaloom.errors import DataError, MegaloomError
-from megaloom.infer import Engine, Event, Request, SamplingParams
 from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink, JsonlSink, records_from
+
+if TYPE_CHECKING:
+    from megaloom.infer import Engine, Event, SamplingParams
 
 NAME = "generate"
 HELP = "generate text from a checkpoint (terminal, JSONL or database output)"
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    from megaloom.infer import SamplingParams
+
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -141,6 +143,7 @@ def open_sinks(args: argparse.Namespace) -> list:
 
 def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     from megaloom.data.tokenizer import Tokenizer
+    from megaloom.infer import Engine
     from megaloom.train.checkpoint import load_model
     from megaloom.utils.device import resolve_device
 
@@ -158,6 +161,10 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
 def generate(engine: Engine, model_name: str, prompts: list[str], params: SamplingParams,
              sinks: list, stream: bool, out: TextIO | None = None) -> list:
     """Run every prompt; stream to `out` (stdout) or write each finished request to sinks."""
+    from tqdm import tqdm
+
+    from megaloom.infer import Request
+
     printer = StreamPrinter(prompts, params.n, out or sys.stdout) if stream else None
     requests = [Request(p, params, request_id=f"prompt-{i}",
                         on_event=printer.on_event if printer else None)

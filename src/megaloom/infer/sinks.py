@@ -21,13 +21,15 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from megaloom.errors import MegaloomError
-from megaloom.infer.engine import RequestOutput
+
+if TYPE_CHECKING:
+    from megaloom.infer.engine import RequestOutput
 
 DEFAULT_DB_URL = "sqlite:///generations.db"
 
