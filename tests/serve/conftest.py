@@ -123,3 +123,16 @@ class SlowEngine(Engine):
     def step(self):
         time.sleep(self.delay)
         return super().step()
+
+
+@pytest.fixture(scope="session")
+def make_server(loaded):
+    """`make_server(engine=None, **create_app_options)`: a context manager for a live server."""
+    return lambda engine=None, **options: live_server(loaded, engine, **options)
+
+
+@pytest.fixture(scope="session")
+def slow_engine(loaded):
+    """`slow_engine(max_batch_size, delay)`: a fresh engine whose steps take >= delay."""
+    return lambda max_batch_size=4, delay=0.02: SlowEngine(
+        loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, delay=delay)
