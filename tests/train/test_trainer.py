@@ -110,3 +110,13 @@ def test_sigterm_saves_checkpoint_and_stops(tmp_path):
     assert result.interrupted and result.step == 3
     assert result.checkpoint.name == "step_00000003"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_tensorboard_event_files(tmp_path):
+    make_trainer(tmp_path, max_steps=2, tensorboard=True).run()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert "lr" in events.Tags()["scalars"]

@@ -24,7 +24,7 @@ class MetricsLog:
             except ImportError as exc:
                 raise MegaloomError(
                     "train.tensorboard=true needs the `tensorboard` package: "
-                    "pip install 'megaloom[tensorboard]'"
+                    "pip install 'megaloom[tensorboard]' (or tensorboard)"
                 ) from exc
             self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
 
