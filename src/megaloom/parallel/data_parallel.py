@@ -240,12 +240,12 @@ class ParallelOptimizer:
                           for k in STATE_KEYS}
                 step = per_param[0]["step"]
                 if shard:
-                    local["state"][index] = {"step": step, **{k: shard.local(v)
+                    local["state"][index] = {"step": step.clone(), **{k: shard.local(v)
                                                              for k, v in slices.items()}}
                 else:
                     for offset in range(len(params)):
                         local["state"][index + offset] = {
-                            "step": step, **{k: v[offset] for k, v in slices.items()}}
+                            "step": step.clone(), **{k: v[offset] for k, v in slices.items()}}
             local["param_groups"].append({**saved, "params": ids})
             index += len(ids)
         self.optimizer.load_state_dict(local)

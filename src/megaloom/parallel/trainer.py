@@ -54,7 +54,6 @@ class ParallelTrainer(Trainer):
         self.__dict__.update(plain.__dict__)
         config, cfg = self.config, self.cfg
         self.topo = topo
-        self.is_main = topo.rank == 0
         self.sequence_parallel = config.parallel.sequence_parallel and topo.tp > 1
         if cfg.global_batch_size % (cfg.micro_batch_size * topo.dp):
             raise ConfigError(f"train.global_batch_size={cfg.global_batch_size} must be a "
