@@ -152,7 +152,8 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
-        self._truncate_metrics(self.step)
+        if self.is_main:
+            self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", directory, self.step)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -176,7 +177,10 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     # The hooks below are what `megaloom.parallel.trainer.ParallelTrainer` overrides.
-    is_main = True  # whether this process writes metrics, plots and progress
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes metrics, plots and progress (rank 0 of a torchrun job)."""
+        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
     def loss_and_gradients(self, batches: list[MicroBatch], loss_scale: float) -> float:
         """Forward and backward over one global batch; return the mean loss per counted token."""
