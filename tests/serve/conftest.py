@@ -72,7 +72,7 @@ class Live:
     server: uvicorn.Server
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": 30, **kwargs})
 
 
 @contextmanager
