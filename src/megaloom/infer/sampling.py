@@ -64,6 +64,10 @@ class BatchSampler:
                                          for p in self.params], device=device)[:, None]
         self.uses_top_k = any(p.top_k > 0 for p in self.params if not p.greedy)
         self.uses_top_p = any(p.top_p < 1.0 for p in self.params if not p.greedy)
+        # Rows without top-k/top-p draw from the unsorted distribution even when other rows
+        # of the batch filter, so a seeded request samples the same tokens in any batch.
+        self.filtered = torch.tensor([p.top_k > 0 or p.top_p < 1.0 for p in self.params],
+                                     device=device)
         self.top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in self.params],
                                   device=device)[:, None]
         self.top_p = torch.tensor([p.top_p for p in self.params], device=device)[:, None]
@@ -98,6 +102,7 @@ class BatchSampler:
         if not (self.uses_top_k or self.uses_top_p):
             probs = torch.softmax(scaled, dim=-1)
             return _inverse_cdf(probs, uniforms)
+        plain = scaled
         scaled, order = scaled.sort(dim=-1, descending=True)
         if self.uses_top_k:
             ranks = torch.arange(scaled.shape[-1], device=self.device)
@@ -106,7 +111,11 @@ class BatchSampler:
         if self.uses_top_p:
             mass_before = probs.cumsum(dim=-1) - probs
             probs = probs.masked_fill((mass_before >= self.top_p) & (self.top_p < 1.0), 0.0)
-        return order.gather(-1, _inverse_cdf(probs, uniforms)[:, None])[:, 0]
+        chosen = order.gather(-1, _inverse_cdf(probs, uniforms)[:, None])[:, 0]
+        if bool(self.filtered.all()):
+            return chosen
+        unfiltered = _inverse_cdf(torch.softmax(plain, dim=-1), uniforms)
+        return torch.where(self.filtered, chosen, unfiltered)
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
