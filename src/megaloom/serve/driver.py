@@ -130,6 +130,7 @@ class EngineDriver:
         self._error: BaseException | None = None
         self._counter = 0
         self._jobs: dict[int, Job] = {}  # jobs with unfinished sequences, by id()
+        self._outbox: list[tuple[Job, tuple[int, Event]]] = []  # this step's events
         self._thread = threading.Thread(target=self._run, name="megaloom-engine", daemon=True)
 
     # ------------------------------------------------------------------ asyncio side
@@ -212,6 +213,7 @@ class EngineDriver:
                 log.exception("engine step failed; the server stops generating")
                 self._fail_all(exc)
                 return
+            self._flush()
             self.metrics.running.set(len(engine.running))
             self.metrics.queue_depth.set(len(engine.waiting))
 
@@ -246,7 +248,16 @@ class EngineDriver:
             if slot.open_sequences == 0:
                 self.metrics.latency.observe(now - slot.submitted)
             self._release(job, 1)
-        job.loop.call_soon_threadsafe(job.queue.put_nowait, (index, event))
+        self._outbox.append((job, (index, event)))
+
+    def _flush(self) -> None:
+        """Hand a step's events to the event loop in one wake-up per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _release(self, job: Job, sequences: int) -> None:
         with self._lock:
@@ -263,3 +274,8 @@ class EngineDriver:
             self._jobs.clear()
         for job in jobs:
             job.loop.call_soon_threadsafe(job.queue.put_nowait, error)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
