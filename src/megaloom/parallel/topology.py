@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# torch >= 2.13 renames reduce_scatter_tensor (and deprecates the old name).
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 @dataclass
 class Axis:
@@ -57,7 +60,7 @@ class Axis:
         self._count("reduce_scatter", tensor.numel() * (self.size - 1) / self.size)
         chunks = torch.stack(tensor.chunk(self.size, dim=dim))
         out = torch.empty(chunks[0].numel(), dtype=tensor.dtype, device=tensor.device)
-        dist.reduce_scatter_tensor(out, chunks.reshape(-1), group=self.group)
+        _reduce_scatter_single(out, chunks.reshape(-1), group=self.group)
         return out.view(chunks.shape[1:])
 
     def chunk(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
