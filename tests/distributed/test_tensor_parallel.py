@@ -1,12 +1,14 @@
-"""Vocab-parallel cross-entropy against the plain loss (padding columns included), and the
-dropout RNG streams: identical where activations are replicated, different where sharded."""
+"""Vocab-parallel cross-entropy against the plain loss (padding columns included), the dropout
+RNG streams (identical where activations are replicated, different where sharded), and fp16
+overflow agreed by all ranks."""
 
 import torch
 import torch.nn.functional as F
 from harness import spawn
 
-from megaloom.config import ModelConfig
+from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model.gpt import GPT
+from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.layers import shard_tensor
 from megaloom.parallel.loss import vocab_parallel_cross_entropy
 from megaloom.parallel.parallelize import parallelize
@@ -65,11 +67,28 @@ def _dropout_keeps_replicas_equal(topo):
     assert all(torch.equal(hidden[0], row) for row in hidden[1:])
 
 
+def _overflow_is_agreed(topo):
+    """One rank's non-finite gradient makes the global norm non-finite on every rank, so all
+    ranks skip the fp16 step together."""
+    cfg = ModelConfig(arch="llama", num_layers=1, hidden_size=32, num_heads=4, seq_len=8,
+                      vocab_size=VOCAB, make_vocab_size_divisible_by=1, ffn_hidden_size=64)
+    model = parallelize(GPT(cfg), topo)
+    optimizer = ParallelOptimizer(model, topo, TrainConfig())
+    for param in optimizer.params:
+        param.grad = torch.zeros_like(param)
+    if topo.tp_axis.rank == 2:
+        model.layers["0"].mlp.up.weight.grad[0, 0] = float("inf")
+    optimizer.reduce_gradients()
+    norms = _gathered(torch.tensor(optimizer.clip_grad_norm(1.0)), topo.tp_axis)
+    assert torch.isinf(norms).all()
+
+
 def _worker(rank, world):
     topo = Topology.build(tp=world)
     _cross_entropy(topo.tp_axis)
     _rng_streams(topo)
     _dropout_keeps_replicas_equal(topo)
+    _overflow_is_agreed(topo)
 
 
 def test_vocab_parallel_loss_and_rng_streams_on_four_ranks():

@@ -39,6 +39,10 @@ def check_layout(model: GPT, topo: Topology, sequence_parallel: bool) -> None:
         if remainder:
             raise ValueError(f"{key}={getattr(cfg, key.split('.')[1])} is not divisible by "
                              f"parallel.tp={tp}")
+    if cfg.dropout > 0 and tp > 1 and getattr(model, "activation_checkpointing", False):
+        raise ValueError("train.activation_checkpointing with model.dropout > 0 and "
+                         "parallel.tp > 1 is not supported (recomputed dropout would draw "
+                         "other masks from the tensor-parallel RNG stream)")
     if cfg.num_layers < topo.pp:
         raise ValueError(f"model.num_layers={cfg.num_layers} is smaller than parallel.pp="
                          f"{topo.pp}")
