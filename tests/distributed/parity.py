@@ -18,6 +18,7 @@ from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import gather_full, gather_full_state_dict, parallelize
 from megaloom.parallel.pipeline import forward_backward as parallel_forward_backward
+from megaloom.parallel.pipeline_interleaved import interleaved_forward_backward
 from megaloom.parallel.topology import Topology
 from megaloom.train.optim import build_optimizer
 
@@ -78,10 +79,11 @@ def reference_run(cfg: ModelConfig, steps: int) -> list[dict]:
 
 
 def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel: bool,
-                 distributed_optimizer: bool) -> tuple[list[dict], GPT, ParallelOptimizer]:
+                 distributed_optimizer: bool, vpp: int = 1
+                 ) -> tuple[list[dict], GPT, ParallelOptimizer]:
     """The same steps on this rank's part of the layout; full tensors on rank 0 only."""
     tcfg = train_config()
-    model = parallelize(fresh_model(cfg), topo, sequence_parallel)
+    model = parallelize(fresh_model(cfg), topo, sequence_parallel, vpp=vpp)
     optimizer = ParallelOptimizer(model, topo, tcfg, distributed=distributed_optimizer)
     per_rank = GLOBAL_BATCH // topo.dp
     records = []
@@ -99,7 +101,11 @@ def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel
             return parallel_lm_loss(logits, batch["targets"], topo.tp_axis, cfg.vocab_size,
                                     batch["loss_mask"]) / denominator
 
-        total = parallel_forward_backward(model, batches, topo, loss_fn, sequence_parallel)
+        if vpp > 1:
+            total = interleaved_forward_backward(model, batches, topo, loss_fn, vpp,
+                                                 sequence_parallel)
+        else:
+            total = parallel_forward_backward(model, batches, topo, loss_fn, sequence_parallel)
         loss = topo.pp_axis.all_reduce(topo.dp_axis.all_reduce(total)).item()
         optimizer.reduce_gradients()
         grads = None

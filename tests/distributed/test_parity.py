@@ -1,6 +1,7 @@
-"""Every (tp, pp, dp) layout with sizes in {1, 2}, with sequence parallelism and the
-distributed optimizer: 3 optimizer steps equal the single-process run (losses, gradients,
-gradient norm, post-step weights), with uneven loss-token counts across dp ranks."""
+"""Every (tp, pp, dp) layout with sizes in {1, 2}, with sequence parallelism, the
+distributed optimizer and the interleaved pipeline schedule: 3 optimizer steps equal the
+single-process run (losses, gradients, gradient norm, post-step weights), with uneven
+loss-token counts across dp ranks."""
 
 import pytest
 import torch
@@ -11,32 +12,38 @@ from megaloom.parallel.topology import Topology
 
 STEPS = 3
 
-# (tp, pp, dp, arch, sequence_parallel, distributed_optimizer)
+# (tp, pp, dp, arch, sequence_parallel, distributed_optimizer, virtual pipeline stages)
 LAYOUTS = [
-    (2, 1, 1, "llama", False, False),
-    (1, 2, 1, "gpt2", False, False),
-    (1, 1, 2, "llama", False, True),
-    (2, 2, 1, "gpt2", True, False),
-    (2, 1, 2, "gpt2", False, False),
-    (1, 2, 2, "llama", False, True),
-    (2, 1, 2, "llama", True, True),
-    (2, 2, 2, "gpt2", True, True),
+    (2, 1, 1, "llama", False, False, 1),
+    (1, 2, 1, "gpt2", False, False, 1),
+    (1, 1, 2, "llama", False, True, 1),
+    (2, 2, 1, "gpt2", True, False, 1),
+    (2, 1, 2, "gpt2", False, False, 1),
+    (1, 2, 2, "llama", False, True, 1),
+    (2, 1, 2, "llama", True, True, 1),
+    (2, 2, 2, "gpt2", True, True, 1),
+    (1, 2, 1, "gpt2", False, False, 2),
+    (2, 2, 1, "llama", True, False, 2),
 ]
 
 
-def _layout_worker(rank, world, tp, pp, arch, sp, zero, out):
+def _layout_worker(rank, world, tp, pp, arch, sp, zero, vpp, out):
     topo = Topology.build(tp=tp, pp=pp)
-    records, _, _ = parallel_run(tiny_model(arch), topo, STEPS, sp, zero)
+    records, _, _ = parallel_run(tiny_model(arch), topo, STEPS, sp, zero, vpp)
     if rank == 0:
         torch.save(records, out)
 
 
-@pytest.mark.parametrize("tp,pp,dp,arch,sp,zero", LAYOUTS,
-                         ids=[f"tp{t}-pp{p}-dp{d}-{a}{'-sp' if s else ''}{'-zero' if z else ''}"
-                              for t, p, d, a, s, z in LAYOUTS])
-def test_layout_matches_single_process(tmp_path, tp, pp, dp, arch, sp, zero):
+def _name(tp, pp, dp, arch, sp, zero, vpp):
+    flags = ("-sp" if sp else "") + ("-zero" if zero else "") + (f"-vpp{vpp}" if vpp > 1 else "")
+    return f"tp{tp}-pp{pp}-dp{dp}-{arch}{flags}"
+
+
+@pytest.mark.parametrize("tp,pp,dp,arch,sp,zero,vpp", LAYOUTS,
+                         ids=[_name(*layout) for layout in LAYOUTS])
+def test_layout_matches_single_process(tmp_path, tp, pp, dp, arch, sp, zero, vpp):
     out = tmp_path / "records.pt"
-    spawn(_layout_worker, tp * pp * dp, tp, pp, arch, sp, zero, str(out))
+    spawn(_layout_worker, tp * pp * dp, tp, pp, arch, sp, zero, vpp, str(out))
     reference = reference_run(tiny_model(arch), STEPS)
     assert reference[0]["grad_norm"] > 0.05  # clipping is active
     assert_same_run(reference, torch.load(out, weights_only=False))

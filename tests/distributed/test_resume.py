@@ -1,6 +1,6 @@
-"""Checkpoints are independent of the layout: train under tp2 pp2, resume in one process, then
-under tp4; the losses (train and validation) continue exactly as in one uninterrupted
-single-process run, and the checkpoints are the single-process format."""
+"""Checkpoints are independent of the layout: train under tp2 pp2 (interleaved, vpp2), resume
+in one process, then under tp4; the losses (train and validation) continue as in one
+uninterrupted single-process run, and the checkpoints are the single-process format."""
 
 import numpy as np
 import torch
@@ -19,14 +19,14 @@ DATA = [(np.random.default_rng(i).integers(0, VOCAB) + np.arange(SEQ + 1) * (1 +
         for i in range(200)]
 
 
-def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None):
+def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1):
     cfg = Config(
         model=ModelConfig(arch="gpt2", num_layers=4, hidden_size=32, num_heads=4,
                           vocab_size=VOCAB, make_vocab_size_divisible_by=1, seq_len=SEQ),
         train=TrainConfig(out_dir=str(out_dir), micro_batch_size=2, global_batch_size=8,
                           max_steps=6, exit_at_step=exit_at_step, warmup_steps=1,
                           eval_interval=2, eval_iters=3, save_interval=100, lr=3e-3),
-        parallel=ParallelConfig(tp=tp, pp=pp),
+        parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp),
     )
     torch.manual_seed(cfg.train.seed)
     plain = Trainer(cfg, GPT(cfg.model), DATA, DATA[:50], None, torch.device("cpu"))
@@ -39,14 +39,14 @@ def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None):
     return trainer
 
 
-def _run_layout(rank, world, out_dir, tp, pp, exit_at_step):
-    make_trainer(out_dir, tp, pp, exit_at_step).run()
+def _run_layout(rank, world, out_dir, tp, pp, exit_at_step, vpp=1):
+    make_trainer(out_dir, tp, pp, exit_at_step, vpp).run()
 
 
 def test_resume_across_layouts(tmp_path):
     make_trainer(tmp_path / "straight").run()
     run = tmp_path / "changing"
-    spawn(_run_layout, 4, str(run), 2, 2, 2)
+    spawn(_run_layout, 4, str(run), 2, 2, 2, 2)
     assert ckpt.find_latest(run).name == "step_00000002"
     make_trainer(run, exit_at_step=4).run()
     spawn(_run_layout, 4, str(run), 4, 1, None)

@@ -27,7 +27,7 @@ from megaloom.parallel.random import TP_STREAM, RNGTracker
 from megaloom.parallel.topology import Axis, Topology
 
 
-def check_layout(model: GPT, topo: Topology, sequence_parallel: bool) -> None:
+def check_layout(model: GPT, topo: Topology, sequence_parallel: bool, vpp: int = 1) -> None:
     """Reject a layout the model cannot be split into, naming the config key."""
     cfg, tp = model.config, topo.tp
     problems = {
@@ -43,9 +43,9 @@ def check_layout(model: GPT, topo: Topology, sequence_parallel: bool) -> None:
         raise ValueError("train.activation_checkpointing with model.dropout > 0 and "
                          "parallel.tp > 1 is not supported (recomputed dropout would draw "
                          "other masks from the tensor-parallel RNG stream)")
-    if cfg.num_layers < topo.pp:
-        raise ValueError(f"model.num_layers={cfg.num_layers} is smaller than parallel.pp="
-                         f"{topo.pp}")
+    if cfg.num_layers < topo.pp * vpp:
+        raise ValueError(f"model.num_layers={cfg.num_layers} is smaller than parallel.pp x "
+                         f"parallel.vpp = {topo.pp} x {vpp}")
 
 
 def parallelize(
@@ -53,17 +53,19 @@ def parallelize(
     topo: Topology,
     sequence_parallel: bool = False,
     tracker: RNGTracker | None = None,
+    vpp: int = 1,
 ) -> GPT:
     """Shard `model` in place for this rank and move it to `topo.device`; returns it.
 
     `tracker` (from `random.seed_everything`) supplies the per-tp-rank dropout stream; it is
-    only needed when the model has dropout and tp > 1.
+    only needed when the model has dropout and tp > 1. `vpp` > 1 keeps `vpp` interleaved
+    layer chunks per rank (see `pipeline_interleaved`).
     """
-    check_layout(model, topo, sequence_parallel)
+    check_layout(model, topo, sequence_parallel, vpp)
     cfg, axis = model.config, topo.tp_axis
     sp = sequence_parallel and topo.tp > 1
     tied = cfg.tie_embeddings
-    split_stage(model, topo)
+    split_stage(model, topo, vpp)
     for block in model.layers.values():
         attn, mlp = block.attn, block.mlp
         attn.qkv = ColumnParallelLinear(attn.qkv, axis, sp)

@@ -29,9 +29,16 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     return range(start, start + base + (stage < extra))
 
 
-def split_stage(model: nn.Module, topo: Topology) -> None:
+def chunk_layers(num_layers: int, topo: Topology, vpp: int = 1) -> list[range]:
+    """This rank's layer blocks: with `vpp` virtual stages, chunk `c` of rank `r` is block
+    `c * pp + r` of `pp * vpp` (interleaved assignment); with vpp=1, its one stage."""
+    return [stage_layers(num_layers, topo.pp * vpp, c * topo.pp + topo.pp_axis.rank)
+            for c in range(vpp)]
+
+
+def split_stage(model: nn.Module, topo: Topology, vpp: int = 1) -> None:
     """Drop in place what this rank's stage does not own (layer names keep global indices)."""
-    keep = {str(i) for i in stage_layers(len(model.layers), topo.pp, topo.pp_axis.rank)}
+    keep = {str(i) for block in chunk_layers(len(model.layers), topo, vpp) for i in block}
     for name in [n for n in model.layers if n not in keep]:
         del model.layers[name]
     if not topo.is_first_stage:

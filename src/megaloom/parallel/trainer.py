@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,10 @@ from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
 from megaloom.parallel.pipeline import forward_backward, forward_only
+from megaloom.parallel.pipeline_interleaved import (
+    interleaved_forward_backward,
+    interleaved_forward_only,
+)
 from megaloom.parallel.random import seed_everything
 from megaloom.parallel.topology import Topology, init_distributed
 from megaloom.train import checkpoint as ckpt
@@ -60,9 +65,14 @@ class ParallelTrainer(Trainer):
                               f"multiple of train.micro_batch_size x dp = "
                               f"{cfg.micro_batch_size} x {topo.dp}")
         self.accumulation = cfg.global_batch_size // (cfg.micro_batch_size * topo.dp)
+        self.vpp = config.parallel.vpp
+        if self.vpp > 1 and self.accumulation % topo.pp:
+            raise ConfigError(f"parallel.vpp={self.vpp}: the micro-batches per step and dp "
+                              f"rank ({self.accumulation}) must be a multiple of parallel.pp="
+                              f"{topo.pp}")
         tracker = seed_everything(cfg.seed, topo)
         plain_optimizer = plain.optimizer
-        self.model = parallelize(plain.model, topo, self.sequence_parallel, tracker)
+        self.model = parallelize(plain.model, topo, self.sequence_parallel, tracker, self.vpp)
         self.optimizer = ParallelOptimizer(self.model, topo, cfg,
                                            config.parallel.distributed_optimizer)
         self.params = self.optimizer.params
@@ -98,11 +108,13 @@ class ParallelTrainer(Trainer):
     def loss_and_gradients(self, batches: list[MicroBatch], loss_scale: float) -> float:
         local = float(sum(mb.loss_mask.sum().item() for mb in batches))
         (count,) = self._global_sum(local if self.topo.is_last_stage else 0.0)
-        total = forward_backward(
+        schedule = (partial(interleaved_forward_backward, vpp=self.vpp) if self.vpp > 1
+                    else forward_backward)
+        total = schedule(
             self.model, self._as_dicts(batches), self.topo,
             lambda logits, batch: self._loss_sum(logits, batch) / count,
-            self.sequence_parallel, loss_scale,
-            lambda: autocast_context(self.cfg.precision, self.device))
+            sequence_parallel=self.sequence_parallel, loss_scale=loss_scale,
+            forward_context=lambda: autocast_context(self.cfg.precision, self.device))
         return self._global_sum(total)[0]
 
     def clip_gradients(self) -> float:
@@ -128,9 +140,12 @@ class ParallelTrainer(Trainer):
         count = min(self.cfg.eval_iters, len(data) // mbs)
         batches = [MicroBatch.from_samples([data[i * mbs + k] for k in range(mbs)], self.device)
                    for i in range(dp.rank, count, dp.size)]
-        total = forward_only(self.model, self._as_dicts(batches), self.topo, self._loss_sum,
-                             self.sequence_parallel,
-                             lambda: autocast_context(self.cfg.precision, self.device))
+        schedule = (partial(interleaved_forward_only, vpp=self.vpp) if self.vpp > 1
+                    else forward_only)
+        total = schedule(self.model, self._as_dicts(batches), self.topo, self._loss_sum,
+                         sequence_parallel=self.sequence_parallel,
+                         forward_context=lambda: autocast_context(self.cfg.precision,
+                                                                  self.device))
         tokens = sum(mb.loss_mask.sum().item() for mb in batches)
         total, tokens = self._global_sum(total, tokens if self.topo.is_last_stage else 0.0)
         return total / tokens if tokens else None
