@@ -196,16 +196,20 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     """Parallel layout: tensor (`tp`) and pipeline (`pp`) sizes; data parallelism takes the rest
-    of the world size."""
+    of the world size. `vpp` > 1 gives each pipeline rank that many interleaved layer chunks."""
 
     tp: int = 1
     pp: int = 1
+    vpp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
 
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", "must be >= 1")
         _require(self.pp >= 1, "parallel.pp", "must be >= 1")
+        _require(self.vpp >= 1, "parallel.vpp", "must be >= 1")
+        _require(self.vpp == 1 or self.pp > 1, "parallel.vpp",
+                 "interleaved virtual stages need parallel.pp > 1")
 
 
 @dataclass
