@@ -5,7 +5,8 @@ counted by the `Axis` collectives wrappers (ring-algorithm volumes) and the pipe
 then printed beside the closed-form volumes, per optimizer step, for global rank 0:
 
     TP: 8*b*s*h*(t-1)/t per layer per micro-batch (2 all-reduces forward, 2 backward)
-    PP: b*s*h per stage boundary per micro-batch (rank 0 sends activations forward only)
+    PP: b*s*h per stage boundary per micro-batch and direction (rank 0 sends activations
+        forward only; with vpp interleaved chunks it crosses 2*vpp-1 boundaries)
     DP: 2*P*(d-1)/d for P local parameters (ring all-reduce, or reduce-scatter + all-gather)
 
 The TP ratio is above 1 by the embedding all-reduce (and, on the last stage, the head's input
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import machine_info
 
 from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model.gpt import GPT
@@ -33,20 +34,22 @@ from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.pipeline import forward_backward, stage_layers
+from megaloom.parallel.pipeline_interleaved import interleaved_forward_backward
 from megaloom.parallel.topology import Topology
 
 MODEL = ModelConfig(arch="gpt2", num_layers=4, hidden_size=64, num_heads=4, seq_len=64,
                     vocab_size=512, make_vocab_size_divisible_by=64)
 MICRO, GLOBAL = 2, 8
-LAYOUTS = [  # (tp, pp, dp, distributed optimizer)
-    (1, 1, 1, False), (2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False),
-    (1, 1, 2, True), (2, 2, 1, False), (2, 1, 2, False), (1, 2, 2, True),
+LAYOUTS = [  # (tp, pp, dp, distributed optimizer, virtual pipeline stages)
+    (1, 1, 1, False, 1), (2, 1, 1, False, 1), (1, 2, 1, False, 1), (1, 2, 1, False, 2),
+    (1, 1, 2, False, 1), (1, 1, 2, True, 1), (2, 2, 1, False, 1), (2, 1, 2, False, 1),
+    (1, 2, 2, True, 1),
 ]
 
 
-def train_steps(topo: Topology, steps: int, zero: bool) -> tuple[list[float], dict]:
+def train_steps(topo: Topology, steps: int, zero: bool, vpp: int) -> tuple[list[float], dict]:
     torch.manual_seed(0)
-    model = parallelize(GPT(MODEL), topo)
+    model = parallelize(GPT(MODEL), topo, vpp=vpp)
     optimizer = ParallelOptimizer(model, topo, TrainConfig(), distributed=zero)
     per_rank = GLOBAL // topo.dp
     gen = torch.Generator().manual_seed(1)
@@ -66,7 +69,10 @@ def train_steps(topo: Topology, steps: int, zero: bool) -> tuple[list[float], di
                 axis.reset_counts()
         started = time.perf_counter()
         optimizer.zero_grad()
-        forward_backward(model, batches, topo, loss_fn)
+        if vpp > 1:
+            interleaved_forward_backward(model, batches, topo, loss_fn, vpp)
+        else:
+            forward_backward(model, batches, topo, loss_fn)
         optimizer.reduce_gradients()
         optimizer.clip_grad_norm(1.0)
         optimizer.step()
@@ -80,20 +86,22 @@ def _worker(rank: int, world: int, init_file: str, layout: tuple, steps: int, ou
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    tp, pp, _, zero = layout
-    times, info = train_steps(Topology.build(tp, pp), steps, zero)
+    tp, pp, _, zero, vpp = layout
+    times, info = train_steps(Topology.build(tp, pp), steps, zero, vpp)
     if rank == 0:
         torch.save({"times": times, **info}, out)
     dist.destroy_process_group()
 
 
 def expected(layout: tuple, params: int) -> dict[str, float]:
-    tp, pp, dp, _ = layout
+    tp, pp, dp, _, vpp = layout
     b, s, h = MICRO, MODEL.seq_len, MODEL.hidden_size
     micro_batches = GLOBAL // (MICRO * dp)
-    layers = len(stage_layers(MODEL.num_layers, pp, 0))
+    layers = sum(len(stage_layers(MODEL.num_layers, pp * vpp, c * pp)) for c in range(vpp))
     return {"tp": 8 * b * s * h * (tp - 1) / tp * layers * micro_batches,
-            "pp": b * s * h * micro_batches if pp > 1 else 0.0,
+            # rank 0 sends activations forward out of each of its vpp chunks and gradients
+            # backward out of each chunk but the model's first: 2 * vpp - 1 boundary crossings
+            "pp": b * s * h * micro_batches * (2 * vpp - 1) if pp > 1 else 0.0,
             "dp": 2 * params * (dp - 1) / dp}
 
 
@@ -101,13 +109,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, gloo, {os.cpu_count()} CPUs, {platform.processor()}; "
-          f"model {MODEL.num_layers}x{MODEL.hidden_size}, seq {MODEL.seq_len}, "
+    info = machine_info()
+    print(f"torch {info['torch']}, gloo, {info['cores']} cores ({info['cpu']})")
+    print(f"model {MODEL.num_layers}x{MODEL.hidden_size}, seq {MODEL.seq_len}, "
           f"micro-batch {MICRO}, global batch {GLOBAL}; per step, global rank 0, fp32 bytes")
     print(f"{'layout':<18}{'step ms':>9}  " + "  ".join(
         f"{axis + ' MB meas/exp':>22}{'ratio':>7}" for axis in ("tp", "pp", "dp")))
     for layout in LAYOUTS:
-        tp, pp, dp, zero = layout
+        tp, pp, dp, zero, vpp = layout
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "result.pt")
             mp.spawn(_worker, args=(tp * pp * dp, os.path.join(tmp, "rdv"), layout, args.steps,
@@ -119,7 +128,8 @@ def main() -> None:
             got, exp = result["sent"][axis] * 4 / 1e6, want[axis] * 4 / 1e6
             ratio = f"{got / exp:7.3f}" if exp else f"{'-':>7}"
             cells.append(f"{got:>10.3f} / {exp:<9.3f}{ratio}")
-        name = f"tp{tp} pp{pp} dp{dp}" + (" zero" if zero else "")
+        name = f"tp{tp} pp{pp} dp{dp}" + (" zero" if zero else "") + (
+            f" vpp{vpp}" if vpp > 1 else "")
         print(f"{name:<18}{statistics.median(result['times']) * 1e3:>9.1f}  " + "  ".join(cells))
 
 

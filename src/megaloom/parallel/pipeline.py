@@ -73,7 +73,7 @@ class _P2P:
         ops, received = [], {}
         for tensor, peer in ((send_next, self.next), (send_prev, self.prev)):
             if tensor is not None:
-                self.axis._count("send", tensor.numel())
+                self.axis.count("send", tensor.numel())
                 ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer, self.axis.group))
         for wanted, peer, key in ((recv_prev, self.prev, "prev"), (recv_next, self.next, "next")):
             if wanted:

@@ -82,7 +82,7 @@ class _TaggedP2P:
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         tensor = tensor.contiguous()
-        self.axis._count("send", tensor.numel())
+        self.axis.count("send", tensor.numel())
         self.pending.append((dist.isend(tensor, peer, group=self.axis.group, tag=tag), tensor))
 
     def receive(self, peer: int, tag: int) -> torch.Tensor:

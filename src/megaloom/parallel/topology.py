@@ -31,13 +31,14 @@ class Axis:
     group: dist.ProcessGroup | None = None
     sent: dict[str, int] = field(default_factory=dict)
 
-    def _count(self, op: str, elements: float) -> None:
+    def count(self, op: str, elements: float) -> None:
+        """Add `elements` sent by this rank in an operation of kind `op`."""
         self.sent[op] = self.sent.get(op, 0) + int(elements)
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce; returns `tensor`."""
         if self.size > 1:
-            self._count("all_reduce", 2 * tensor.numel() * (self.size - 1) / self.size)
+            self.count("all_reduce", 2 * tensor.numel() * (self.size - 1) / self.size)
             dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
 
@@ -45,7 +46,7 @@ class Axis:
         """Concatenate every rank's `tensor` along `dim`, in axis-rank order."""
         if self.size == 1:
             return tensor
-        self._count("all_gather", tensor.numel() * (self.size - 1))
+        self.count("all_gather", tensor.numel() * (self.size - 1))
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
@@ -57,7 +58,7 @@ class Axis:
         if tensor.shape[dim] % self.size:
             raise ValueError(f"{self.name}: dim {dim} of size {tensor.shape[dim]} does not split "
                              f"into {self.size} equal parts")
-        self._count("reduce_scatter", tensor.numel() * (self.size - 1) / self.size)
+        self.count("reduce_scatter", tensor.numel() * (self.size - 1) / self.size)
         chunks = torch.stack(tensor.chunk(self.size, dim=dim))
         out = torch.empty(chunks[0].numel(), dtype=tensor.dtype, device=tensor.device)
         _reduce_scatter_single(out, chunks.reshape(-1), group=self.group)
