@@ -196,12 +196,15 @@ def build_parallel_trainer(config: Config, resume: bool = True) -> ParallelTrain
                           "`megaloom train --nproc N` or torchrun --nproc-per-node N)") from exc
     if topo.rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    first = topo.rank == 0
-    if topo.world_size > 1 and not first:
-        dist.barrier()
-    plain = build_trainer(config, resume=resume)
-    if topo.world_size > 1 and first:
-        dist.barrier()
+    # Data caches are built once: by rank 0, then by the first process of each other node
+    # (for node-local file systems), then read by everyone else.
+    turn = 0 if topo.rank == 0 else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
+    plain = None
+    for stage in range(3):
+        if stage == turn:
+            plain = build_trainer(config, resume=resume)
+        if topo.world_size > 1:
+            dist.barrier()
     log.info("layout: tp=%d pp=%d dp=%d%s%s", topo.tp, topo.pp, topo.dp,
              " sequence-parallel" if config.parallel.sequence_parallel else "",
              " distributed-optimizer" if config.parallel.distributed_optimizer else "")
