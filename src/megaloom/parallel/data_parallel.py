@@ -113,9 +113,9 @@ class ParallelOptimizer:
         self.shards = [_FlatShard(g["params"], topo) for g in groups] if distributed else []
         if distributed:
             groups = [{**g, "params": [s.shard]} for g, s in zip(groups, self.shards, strict=True)]
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = torch.optim.AdamW(  # fused, like `train.optim.build_optimizer`
             groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps)
+            eps=cfg.adam_eps, fused=True)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -196,9 +196,8 @@ class ParallelOptimizer:
         """The plain single-process model's AdamW state dict, on global rank 0 (None
         elsewhere). Every rank must call it."""
         by_key, step = self._state_by_name()
-        has_state = torch.tensor([step is not None], dtype=torch.float64)
-        if self.topo.world_size > 1:
-            dist.all_reduce(has_state, op=dist.ReduceOp.MIN)
+        has_state = torch.tensor([float(step is not None)], device=self.topo.device)
+        self.topo.world_axis.all_reduce(has_state, op=dist.ReduceOp.MIN)
         full = {k: gather_full(v, self.model, self.topo) for k, v in by_key.items()}
         if self.topo.rank != 0:
             return None
