@@ -84,7 +84,8 @@ def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel
     """The same steps on this rank's part of the layout; full tensors on rank 0 only."""
     tcfg = train_config()
     model = parallelize(fresh_model(cfg), topo, sequence_parallel, vpp=vpp)
-    optimizer = ParallelOptimizer(model, topo, tcfg, distributed=distributed_optimizer)
+    optimizer = ParallelOptimizer(model, topo, tcfg, distributed=distributed_optimizer,
+                                  bucket_elements=2000)  # several dp buckets
     per_rank = GLOBAL_BATCH // topo.dp
     records = []
     for step in range(steps):
@@ -101,11 +102,15 @@ def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel
             return parallel_lm_loss(logits, batch["targets"], topo.tp_axis, cfg.vocab_size,
                                     batch["loss_mask"]) / denominator
 
+        optimizer.start_backward(len(batches))
         if vpp > 1:
             total = interleaved_forward_backward(model, batches, topo, loss_fn, vpp,
                                                  sequence_parallel)
         else:
             total = parallel_forward_backward(model, batches, topo, loss_fn, sequence_parallel)
+        if optimizer.buckets:  # every bucket's all-reduce was started during the backward
+            assert len(optimizer.buckets.work) == len(optimizer.buckets.buckets) > 1
+        optimizer.finish_backward()
         loss = topo.pp_axis.all_reduce(topo.dp_axis.all_reduce(total)).item()
         optimizer.reduce_gradients()
         grads = None

@@ -19,7 +19,7 @@ LAYOUTS = [
     (1, 1, 2, "llama", False, True, 1),
     (2, 2, 1, "gpt2", True, False, 1),
     (2, 1, 2, "gpt2", False, False, 1),
-    (1, 2, 2, "llama", False, True, 1),
+    (1, 2, 2, "llama", False, False, 1),
     (2, 1, 2, "llama", True, True, 1),
     (2, 2, 2, "gpt2", True, True, 1),
     (1, 2, 1, "gpt2", False, False, 2),

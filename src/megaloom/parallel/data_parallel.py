@@ -3,10 +3,14 @@
 `ParallelOptimizer` is what a training step calls after the pipeline's forward/backward:
 
 1. `reduce_gradients()`: sum the partial gradients of sequence-parallel norms/biases over tp,
-   the tied embedding copies over the first/last stage, and everything over dp (bucketed,
-   flattened all-reduces; or, with the distributed optimizer, one reduce-scatter per parameter
-   group onto this rank's flat shard). The loss is already normalised by the global token
-   count, so dp reduces by SUM.
+   the tied embedding copies over the first/last stage, and everything over dp. The dp
+   all-reduce works on flat buckets that the gradients live in (as views); after
+   `start_backward(n)`, a bucket's asynchronous all-reduce starts during the n-th backward
+   pass as soon as all its gradients are final, overlapping the rest of the backward (gloo and
+   NCCL both run collectives asynchronously); `finish_backward()` waits for them. With the
+   distributed optimizer it is one reduce-scatter per parameter group onto this rank's flat
+   shard, after the backward. The loss is already normalised by the global token count, so dp
+   reduces by SUM.
 2. `clip_grad_norm(max_norm)`: the global L2 norm over all ranks, counting a tp-replicated
    parameter once and a tied embedding once, with the same clipping rule as
    `megaloom.train.precision.clip_grad_norm`. Every rank gets the same value, so an fp16
@@ -14,8 +18,7 @@
 3. `step()`: AdamW on local parameters, or on the local shard followed by an all-gather of
    the updated parameters (ZeRO-1). Weight decay groups follow `train.optim.parameter_groups`.
 
-Gradient reduction runs after the whole backward (no overlap with it): simple and
-backend-independent. State dicts are converted to the plain single-process model's AdamW format
+State dicts are converted to the plain single-process model's AdamW format
 so optimizer checkpoints are independent of the layout.
 """
 
@@ -68,6 +71,69 @@ def counts_in_norm(param: nn.Parameter, topo: Topology) -> bool:
     return getattr(param, "tp_dim", None) is not None or topo.tp_axis.rank == 0
 
 
+class _GradBuckets:
+    """Gradients as views into flat buffers, all-reduced over dp bucket by bucket, each as soon
+    as the armed number of backward passes has accumulated into all of its parameters."""
+
+    def __init__(self, params: list[nn.Parameter], axis: Axis, bucket_elements: int):
+        self.axis = axis
+        self.buckets: list[tuple[list[nn.Parameter], torch.Tensor]] = []
+        pending: list[nn.Parameter] = []
+        for index, param in enumerate(reversed(params)):  # backward reaches late layers first
+            pending.append(param)
+            if index + 1 == len(params) or sum(p.numel() for p in pending) >= bucket_elements:
+                self.buckets.append((pending, self._flat_views(pending)))
+                pending = []
+        self.bucket_of = {id(p): i for i, (ps, _) in enumerate(self.buckets) for p in ps}
+        self.passes, self.reduced = 0, False
+        self.seen: dict[int, int] = {}
+        self.work: dict[int, dist.Work] = {}
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._on_gradient)
+
+    @staticmethod
+    def _flat_views(params: list[nn.Parameter]) -> torch.Tensor:
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                           device=params[0].device)
+        for param, view in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            param.grad = view.view_as(param)
+        return flat
+
+    def zero(self) -> None:
+        self.reduced = False
+        for params, flat in self.buckets:
+            flat.zero_()
+            for param, view in zip(params, flat.split([p.numel() for p in params]),
+                                   strict=True):
+                param.grad = view.view_as(param)  # restore views someone may have replaced
+
+    def start(self, passes: int) -> None:
+        self.passes, self.reduced, self.seen, self.work = passes, False, {}, {}
+
+    def _launch(self, index: int) -> None:
+        flat = self.buckets[index][1]
+        self.axis.count("all_reduce", 2 * flat.numel() * (self.axis.size - 1) / self.axis.size)
+        self.work[index] = dist.all_reduce(flat, group=self.axis.group, async_op=True)
+
+    def _on_gradient(self, param: nn.Parameter) -> None:
+        if not self.passes:
+            return
+        self.seen[id(param)] = self.seen.get(id(param), 0) + 1
+        index = self.bucket_of[id(param)]
+        params = self.buckets[index][0]
+        if all(self.seen.get(id(p), 0) == self.passes for p in params):
+            self._launch(index)
+
+    def finish(self) -> None:
+        """Start the buckets still waiting (or all, when nothing was armed) and wait."""
+        for index in range(len(self.buckets)):
+            if index not in self.work:
+                self._launch(index)
+        for work in self.work.values():
+            work.wait()
+        self.passes, self.reduced, self.seen, self.work = 0, True, {}, {}
+
+
 class _FlatShard:
     """A parameter group flattened (zero-padded to a multiple of dp) and this rank's slice."""
 
@@ -106,11 +172,13 @@ class ParallelOptimizer:
     """AdamW for this rank's part of a parallelized model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, topo: Topology, cfg: TrainConfig,
-                 distributed: bool = False):
+                 distributed: bool = False, bucket_elements: int = BUCKET_ELEMENTS):
         self.model, self.topo, self.distributed = model, topo, distributed
         groups = parameter_groups(model, cfg.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         self.shards = [_FlatShard(g["params"], topo) for g in groups] if distributed else []
+        self.buckets = (_GradBuckets(self.params, topo.dp_axis, bucket_elements)
+                        if topo.dp > 1 and not distributed else None)
         if distributed:
             groups = [{**g, "params": [s.shard]} for g, s in zip(groups, self.shards, strict=True)]
         self.optimizer = torch.optim.AdamW(  # fused, like `train.optim.build_optimizer`
@@ -122,8 +190,23 @@ class ParallelOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop gradients (or zero the dp buckets they live in)."""
+        if self.buckets:
+            self.buckets.zero()
+            return
         for param in self.params + [s.shard for s in self.shards]:
             param.grad = None
+
+    def start_backward(self, passes: int) -> None:
+        """Overlap the dp all-reduce with the backward: each parameter gets `passes` gradient
+        accumulations (one per micro-batch) this step."""
+        if self.buckets:
+            self.buckets.start(passes)
+
+    def finish_backward(self) -> None:
+        """Wait for the overlapped all-reduces (before anyone reads or scales gradients)."""
+        if self.buckets and self.buckets.passes:
+            self.buckets.finish()
 
     def reduce_gradients(self) -> None:
         for param in self.params:
@@ -137,8 +220,8 @@ class ParallelOptimizer:
         if self.distributed:
             for shard in self.shards:
                 shard.reduce_grads()
-        else:
-            all_reduce_coalesced([p.grad for p in self.params], topo.dp_axis)
+        elif self.buckets and not self.buckets.reduced:
+            self.buckets.finish()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip all gradients to a global L2 norm of `max_norm` (0: no clipping); return the

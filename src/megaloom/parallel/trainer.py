@@ -110,11 +110,13 @@ class ParallelTrainer(Trainer):
         (count,) = self._global_sum(local if self.topo.is_last_stage else 0.0)
         schedule = (partial(interleaved_forward_backward, vpp=self.vpp) if self.vpp > 1
                     else forward_backward)
+        self.optimizer.start_backward(len(batches))
         total = schedule(
             self.model, self._as_dicts(batches), self.topo,
             lambda logits, batch: self._loss_sum(logits, batch) / count,
             sequence_parallel=self.sequence_parallel, loss_scale=loss_scale,
             forward_context=lambda: autocast_context(self.cfg.precision, self.device))
+        self.optimizer.finish_backward()
         return self._global_sum(total)[0]
 
     def clip_gradients(self) -> float:
