@@ -69,10 +69,12 @@ def train_steps(topo: Topology, steps: int, zero: bool, vpp: int) -> tuple[list[
                 axis.reset_counts()
         started = time.perf_counter()
         optimizer.zero_grad()
+        optimizer.start_backward(len(batches))
         if vpp > 1:
             interleaved_forward_backward(model, batches, topo, loss_fn, vpp)
         else:
             forward_backward(model, batches, topo, loss_fn)
+        optimizer.finish_backward()
         optimizer.reduce_gradients()
         optimizer.clip_grad_norm(1.0)
         optimizer.step()
