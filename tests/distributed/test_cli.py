@@ -1,6 +1,6 @@
-"""`megaloom train --nproc 2` launches torchrun (data parallel over 2 ranks, samples sharded,
-distributed optimizer) and matches the single-process run; a layout that does not fit the
-world size is a one-line error."""
+"""`megaloom train --nproc 2` launches torchrun and matches the single-process run, both data
+parallel (samples sharded, distributed optimizer) and pipelined (validation through the stages);
+a layout that does not fit the world size is a one-line error."""
 
 import json
 
@@ -38,10 +38,10 @@ def train_args(data, out, *extra):
             f"data.cache_dir={root / 'cache'}", "--out", str(out), "--samples", "0", *extra]
 
 
-def test_nproc_data_parallel_run_matches_single_process(data, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.distributed_optimizer=true", "parallel.pp=2"])
+def test_nproc_run_matches_single_process(data, tmp_path, layout):
     assert main(train_args(data, tmp_path / "one")) == 0
-    assert main(train_args(data, tmp_path / "two", "parallel.distributed_optimizer=true",
-                           "--nproc", "2")) == 0
+    assert main(train_args(data, tmp_path / "two", layout, "--nproc", "2")) == 0
     one = read_metrics(tmp_path / "one" / "metrics.jsonl")
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2, 3]
