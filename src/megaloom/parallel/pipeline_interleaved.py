@@ -7,8 +7,8 @@ bubble shrinks by `vpp` (Megatron's interleaved schedule). The op order per rank
 `pp`). It runs as a dataflow: activations and gradients go out with asynchronous, tagged sends
 (a tag names the micro-batch, the receiving chunk and the direction), and each op waits only
 for its own input, so no pairing of sends and receives is needed. Tags need a backend that
-matches them (gloo, or NCCL where messages arrive in issue order); the number of micro-batches
-must be a multiple of pp.
+matches them, so it runs on gloo only (`check_backend`); the number of micro-batches must be a
+multiple of pp.
 """
 
 from __future__ import annotations
@@ -62,12 +62,21 @@ def schedule(rank: int, pp: int, vpp: int, micro_batches: int) -> list[tuple[str
     return ops
 
 
+def check_backend(topo: Topology) -> None:
+    """Tagged point-to-point messages are matched by tag only on gloo; NCCL matches in issue
+    order, which this dataflow schedule does not guarantee."""
+    if topo.pp > 1 and dist.get_backend(topo.pp_axis.group) != "gloo":
+        raise ValueError("parallel.vpp > 1 (the interleaved schedule) needs the gloo backend "
+                         "(CPU); use parallel.vpp=1 on GPUs")
+
+
 class _TaggedP2P:
     """Asynchronous tagged sends and waited receives around the pipeline ring."""
 
     def __init__(self, model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
                  topo: Topology, vpp: int, sequence_parallel: bool):
         self.axis, self.device, self.chunks = topo.pp_axis, topo.device, topo.pp * vpp
+        check_backend(topo)
         rank, ranks = topo.pp_axis.rank, topo.pp_axis.ranks
         self.prev, self.next = ranks[(rank - 1) % topo.pp], ranks[(rank + 1) % topo.pp]
         batch, seq = micro_batches[0]["tokens"].shape

@@ -29,6 +29,7 @@ from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import gather_full_state_dict, load_full_state_dict, parallelize
 from megaloom.parallel.pipeline import forward_backward, forward_only
 from megaloom.parallel.pipeline_interleaved import (
+    check_backend,
     interleaved_forward_backward,
     interleaved_forward_only,
 )
@@ -70,6 +71,11 @@ class ParallelTrainer(Trainer):
             raise ConfigError(f"parallel.vpp={self.vpp}: the micro-batches per step and dp "
                               f"rank ({self.accumulation}) must be a multiple of parallel.pp="
                               f"{topo.pp}")
+        if self.vpp > 1:
+            try:
+                check_backend(topo)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         tracker = seed_everything(cfg.seed, topo)
         plain_optimizer = plain.optimizer
         self.model = parallelize(plain.model, topo, self.sequence_parallel, tracker, self.vpp)
