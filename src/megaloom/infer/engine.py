@@ -173,7 +173,8 @@ class Engine:
         self.device = param.device
         self.eod_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         with torch.inference_mode():
-            self.cache = KVCache(config.num_layers, max_batch_size, config.num_kv_heads,
+            kv_heads = getattr(model, "local_kv_heads", config.num_kv_heads)  # tp: a share
+            self.cache = KVCache(config.num_layers, max_batch_size, kv_heads,
                                  self.max_len, config.head_dim, param.dtype, self.device)
             self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
             self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
