@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from megaloom.cli import main
+from megaloom.config import Config
+from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.infer.tensor_parallel import (
@@ -22,6 +28,7 @@ from megaloom.infer.tensor_parallel import (
 )
 from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.topology import Topology
+from megaloom.train.checkpoint import save_model_files
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
 from harness import spawn  # noqa: E402
@@ -69,3 +76,39 @@ def test_pipeline_or_data_parallel_layout_is_refused():
     check_tensor_parallel(topo)
     with pytest.raises(MegaloomError, match="pp=2"):
         check_tensor_parallel(dataclasses.replace(topo, pp=2))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_path, make_model):
+    tok = Tokenizer.from_file(tokenizer_path)
+    model = make_model("llama", vocab_size=tok.vocab_size)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_model_files(path, model, Config(model=model.config), tokenizer_path)
+    return str(path)
+
+
+def test_cli_nproc2_prints_and_writes_what_one_process_does(checkpoint, tmp_path, capsys):
+    args = ["generate", checkpoint, "The quick", "Pack my box with", "--max-tokens", "6",
+            "--ignore-eos", "--device", "cpu"]
+    greedy, sampled = [*args, "--greedy"], [*args, "--seed", "3", "--n", "2", "--top-k", "30"]
+    assert main(greedy) == 0
+    want_terminal = capsys.readouterr().out
+    assert main([*sampled, "--output", str(tmp_path / "one.jsonl")]) == 0
+    run = [sys.executable, "-m", "megaloom"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    terminal = subprocess.run([*run, *greedy, "--nproc", "2"], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert terminal.returncode == 0, terminal.stderr
+    assert terminal.stdout == want_terminal
+    jsonl = subprocess.run([*run, *sampled, "--nproc", "2", "--output",
+                            str(tmp_path / "two.jsonl")], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert jsonl.returncode == 0, jsonl.stderr
+
+    def records(name):
+        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+        return [(r["prompt"], r["draft_index"], r["completion"])
+                for r in map(json.loads, lines)]
+
+    assert records("two.jsonl") == records("one.jsonl")
+    assert len(records("two.jsonl")) == 4

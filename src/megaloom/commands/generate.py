@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,15 +63,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="sequences decoded together (default 8)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or an accelerator")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="split the model over N tensor-parallel processes (torchrun)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from megaloom.infer.tensor_parallel import relaunch_under_torchrun
+
+        return relaunch_under_torchrun(args.nproc)
     params = sampling_params(args).validate()
-    prompts = read_prompts(args.prompts, args.file, sys.stdin)
-    sinks = open_sinks(args)
+    leader = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reads and writes
+    prompts = read_prompts(args.prompts, args.file, sys.stdin) if leader else []
+    sinks = open_sinks(args) if leader else []
     try:
+        from megaloom.infer.tensor_parallel import drive
+
         engine, model_name = load_engine(args)
-        generate(engine, model_name, prompts, params, sinks, stream=not sinks)
+        drive(engine, lambda: generate(engine, model_name, prompts, params, sinks,
+                                       stream=not sinks))
     finally:
         for sink in sinks:
             sink.close()
@@ -152,6 +163,11 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     except ValueError as exc:
         raise MegaloomError(str(exc)) from None
     log.info("loading %s on %s", args.checkpoint, device)
+    if "LOCAL_RANK" in os.environ:
+        from megaloom.infer.tensor_parallel import load_tensor_parallel_engine
+
+        engine = load_tensor_parallel_engine(args.checkpoint, device, args.batch_size)
+        return engine, args.checkpoint
     model, _, tokenizer_path = load_model(args.checkpoint, device=device)
     if tokenizer_path is None:
         raise MegaloomError(f"{args.checkpoint}: no tokenizer found beside the weights")

@@ -49,9 +49,10 @@ def is_leader() -> bool:
 
 
 def relaunch_under_torchrun(nproc: int) -> int:
-    """Re-run this process's command line under `torchrun --standalone` with `nproc` ranks."""
+    """Re-run this process's command line under `torchrun --standalone` with `nproc` ranks
+    (after `--`, so that torchrun does not take options like `--n` for its own)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "megaloom", *sys.argv[1:]]
+               f"--nproc-per-node={nproc}", "-m", "--", "megaloom", *sys.argv[1:]]
     log.info("launching: %s", " ".join(command))
     return subprocess.call(command)
 
@@ -91,6 +92,20 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
         raise MegaloomError(f"cannot split {spec} over {world} tensor-parallel ranks: "
                             f"{exc}") from None
     return FullLogitsGPT(model.eval(), topo.tp_axis), config, tokenizer, topo
+
+
+def load_tensor_parallel_engine(spec: str | Path, device: torch.device,
+                                max_batch_size: int) -> TensorParallelEngine:
+    """`load_tensor_parallel` plus the checkpoint's tokenizer, as an engine (every rank).
+    An accelerator `device` becomes this process's one (`LOCAL_RANK`)."""
+    from megaloom.data.tokenizer import Tokenizer
+
+    if device.type != "cpu":
+        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+    model, _, tokenizer_path, topo = load_tensor_parallel(spec, device)
+    if tokenizer_path is None:
+        raise MegaloomError(f"{spec}: no tokenizer found beside the weights")
+    return TensorParallelEngine(model, topo, Tokenizer.from_file(tokenizer_path), max_batch_size)
 
 
 def check_tensor_parallel(topo: Topology) -> None:
@@ -159,6 +174,12 @@ class TensorParallelEngine(Engine):
                     self.cancel(op[1])
             self.step()
 
+    def close(self) -> None:
+        """Release the control group (every rank, after `shutdown` / `follow`)."""
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
+
     def _broadcast(self, message: object) -> object:
         """Rank 0's `message`, on every rank."""
         if self._group is None:
@@ -173,10 +194,13 @@ def drive(engine: Engine, lead: Callable[[], T]) -> T | None:
     engine just runs `lead()`. Returns `lead()`'s result on rank 0, None elsewhere."""
     if not isinstance(engine, TensorParallelEngine):
         return lead()
-    if not engine.is_driver:
-        engine.follow()
-        return None
     try:
-        return lead()
+        if not engine.is_driver:
+            engine.follow()
+            return None
+        try:
+            return lead()
+        finally:
+            engine.shutdown()
     finally:
-        engine.shutdown()
+        engine.close()
