@@ -166,7 +166,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     if "LOCAL_RANK" in os.environ:
         from megaloom.infer.tensor_parallel import load_tensor_parallel_engine
 
-        engine = load_tensor_parallel_engine(args.checkpoint, device, args.batch_size)
+        engine, _ = load_tensor_parallel_engine(args.checkpoint, device, args.batch_size)
         return engine, args.checkpoint
     model, _, tokenizer_path = load_model(args.checkpoint, device=device)
     if tokenizer_path is None:

@@ -44,14 +44,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn log level (default info)")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="split the model over N tensor-parallel processes (torchrun); "
+                             "rank 0 serves HTTP")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from megaloom.infer.tensor_parallel import relaunch_under_torchrun
+
+        return relaunch_under_torchrun(args.nproc)
     _check(args)
     import uvicorn
 
     from megaloom.data.tokenizer import Tokenizer
     from megaloom.infer import Engine
+    from megaloom.infer.tensor_parallel import drive, load_tensor_parallel_engine
     from megaloom.serve import create_app
     from megaloom.train.checkpoint import load_model
     from megaloom.utils.device import resolve_device
@@ -61,17 +69,27 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise MegaloomError(str(exc)) from None
     log.info("loading %s on %s", args.checkpoint, device)
-    model, _, tokenizer_path = load_model(args.checkpoint, device=device)
-    if tokenizer_path is None:
-        raise MegaloomError(f"{args.checkpoint}: no tokenizer found beside the weights")
-    engine = Engine(model, Tokenizer.from_file(tokenizer_path), args.max_batch_size)
-    app = create_app(engine, engine.tokenizer, args.model_name or model_name(args.checkpoint),
-                     tokenizer_path=tokenizer_path,
-                     api_key=args.api_key or os.environ.get("MEGALOOM_API_KEY") or None,
-                     max_queue=args.max_queue, timeout=args.timeout,
-                     max_body_bytes=args.max_body_bytes)
-    log.info("serving on http://%s:%d (web page at /, API under /v1)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if "LOCAL_RANK" in os.environ:  # under torchrun: rank 0 serves, the others follow
+        engine, tokenizer_path = load_tensor_parallel_engine(args.checkpoint, device,
+                                                             args.max_batch_size)
+    else:
+        model, _, tokenizer_path = load_model(args.checkpoint, device=device)
+        if tokenizer_path is None:
+            raise MegaloomError(f"{args.checkpoint}: no tokenizer found beside the weights")
+        engine = Engine(model, Tokenizer.from_file(tokenizer_path), args.max_batch_size)
+
+    def serve() -> None:
+        app = create_app(engine, engine.tokenizer,
+                         args.model_name or model_name(args.checkpoint),
+                         tokenizer_path=tokenizer_path,
+                         api_key=args.api_key or os.environ.get("MEGALOOM_API_KEY") or None,
+                         max_queue=args.max_queue, timeout=args.timeout,
+                         max_body_bytes=args.max_body_bytes)
+        log.info("serving on http://%s:%d (web page at /, API under /v1)", args.host,
+                 args.port)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+    drive(engine, serve)
     return 0
 
 

@@ -94,10 +94,11 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
     return FullLogitsGPT(model.eval(), topo.tp_axis), config, tokenizer, topo
 
 
-def load_tensor_parallel_engine(spec: str | Path, device: torch.device,
-                                max_batch_size: int) -> TensorParallelEngine:
-    """`load_tensor_parallel` plus the checkpoint's tokenizer, as an engine (every rank).
-    An accelerator `device` becomes this process's one (`LOCAL_RANK`)."""
+def load_tensor_parallel_engine(spec: str | Path, device: torch.device, max_batch_size: int,
+                                ) -> tuple[TensorParallelEngine, Path]:
+    """`load_tensor_parallel` plus the checkpoint's tokenizer, as an engine (every rank);
+    returns (engine, tokenizer path). An accelerator `device` becomes this process's one
+    (`LOCAL_RANK`)."""
     from megaloom.data.tokenizer import Tokenizer
 
     if device.type != "cpu":
@@ -105,7 +106,8 @@ def load_tensor_parallel_engine(spec: str | Path, device: torch.device,
     model, _, tokenizer_path, topo = load_tensor_parallel(spec, device)
     if tokenizer_path is None:
         raise MegaloomError(f"{spec}: no tokenizer found beside the weights")
-    return TensorParallelEngine(model, topo, Tokenizer.from_file(tokenizer_path), max_batch_size)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    return TensorParallelEngine(model, topo, tokenizer, max_batch_size), tokenizer_path
 
 
 def check_tensor_parallel(topo: Topology) -> None:
@@ -158,8 +160,12 @@ class TensorParallelEngine(Engine):
         return super().step()
 
     def shutdown(self) -> None:
-        """Tell the followers to return from `follow()` (rank 0)."""
-        self._broadcast(None)
+        """Tell the followers to return from `follow()` (rank 0). Followers already gone
+        (torchrun stopping the job on a signal) are not an error."""
+        try:
+            self._broadcast(None)
+        except RuntimeError as exc:
+            log.warning("could not reach the follower ranks at shutdown: %s", exc)
 
     # ------------------------------------------------------------------ followers
 
