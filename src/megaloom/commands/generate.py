@@ -4,7 +4,8 @@ Prompts come from the arguments, `--file` (one per line, or JSONL with a `prompt
 stdin. Completions stream to the terminal (in prompt order, the current one live), or go to
 `--output FILE.jsonl` and/or `--db [URL]` (`megaloom.infer.sinks`). Everything that can be
 checked (sampling values, prompts, output file, database) is checked before the model loads.
-The engine (`megaloom.infer.Engine`) batches all prompts with continuous batching.
+The engine (`megaloom.infer.Engine`) batches all prompts with continuous batching. `--nproc N`
+(or torchrun) splits the model over N tensor-parallel ranks (`megaloom.infer.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -68,17 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from megaloom.infer.tensor_parallel import relaunch_under_torchrun
+    from megaloom.infer.tensor_parallel import drive, is_leader, relaunch_under_torchrun
 
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_under_torchrun(args.nproc)
     params = sampling_params(args).validate()
-    leader = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reads and writes
+    leader = is_leader()  # under torchrun only rank 0 reads prompts and writes results
     prompts = read_prompts(args.prompts, args.file, sys.stdin) if leader else []
     sinks = open_sinks(args) if leader else []
     try:
-        from megaloom.infer.tensor_parallel import drive
-
         engine, model_name = load_engine(args)
         drive(engine, lambda: generate(engine, model_name, prompts, params, sinks,
                                        stream=not sinks))

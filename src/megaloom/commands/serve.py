@@ -3,7 +3,9 @@
 Loads the model and tokenizer, builds the engine and `megaloom.serve.create_app`, and runs it
 under uvicorn (127.0.0.1 unless `--host` says otherwise). The API key comes from `--api-key`
 or the `MEGALOOM_API_KEY` environment variable. Every option is checked before the model
-loads. Ctrl-C / SIGTERM stops accepting, finishes in-flight requests, then exits.
+loads. Ctrl-C / SIGTERM stops accepting, finishes in-flight requests, then exits. `--nproc N`
+(or torchrun) splits the model over N tensor-parallel ranks: rank 0 serves HTTP, the others
+follow its engine (`megaloom.infer.tensor_parallel`).
 """
 
 from __future__ import annotations
