@@ -30,7 +30,7 @@ from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.topology import Topology
 from megaloom.train.checkpoint import save_model_files
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+sys.path.append(str(Path(__file__).parents[1] / "distributed"))
 from harness import spawn  # noqa: E402
 
 PROMPTS = [[5, 17, 3], [40, 2, 9, 11, 30, 7, 1], [8], [100, 101, 102, 103], [60, 61, 62]]

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import httpx
-from test_cli import free_port
 
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.train.checkpoint import load_model
 
 PROMPTS = ["the fox walks", "A writer dreams of the long"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def expected(checkpoint, params: SamplingParams) -> list[str]:
