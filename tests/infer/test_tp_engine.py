@@ -51,10 +51,12 @@ def _parity(rank: int, world: int, model) -> None:
     topo = Topology.build(tp=world)
     engine = TensorParallelEngine(FullLogitsGPT(parallelize(model, topo), topo.tp_axis), topo,
                                   max_batch_size=3)
-    got = drive(engine, lambda: engine.generate(_requests()))
+    got = drive(engine, lambda: engine.generate(_requests()) + [_cancel_one(engine)])
     if rank != 0:
         assert got is None
         return
+    survivor = got.pop()
+    assert survivor.completions[0].token_ids == want[0].completions[0].token_ids
     for g, w in zip(got[:4], want[:4], strict=True):
         assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
         if w.prompt_logprobs is not None:
@@ -64,6 +66,19 @@ def _parity(rank: int, world: int, model) -> None:
             want_lp = [lp.logprob for lp in w.completions[0].logprobs]
             torch.testing.assert_close(got_lp, want_lp, rtol=1e-4, atol=1e-4)
     assert len(got[4].completions[0].token_ids) == 4  # unseeded: lockstep held to the end
+
+
+def _cancel_one(engine: TensorParallelEngine):
+    """Cancel one of two running requests mid-way (the followers must drop it too); return
+    the other's output."""
+    requests = _requests()
+    keep, drop = engine.add_request(requests[0]), engine.add_request(requests[1])
+    engine.step()
+    drop.cancel()
+    while not keep.finished:
+        engine.step()
+    assert drop.output.completions[0].finish_reason == "cancelled"
+    return keep.output
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
