@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    command_line = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(command_line)
+    args.command_line = command_line  # what `--nproc N` re-runs under torchrun
     # `key=value` overrides may follow options (`train CONFIG --out DIR train.lr=1e-3`).
     if extra and isinstance(getattr(args, "overrides", None), list) and all(
         "=" in item and not item.startswith("-") for item in extra

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
+from server_process import free_port, wait_until_healthy
 
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.train.checkpoint import load_model
 
 PROMPTS = ["the fox walks", "A writer dreams of the long"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def expected(checkpoint, params: SamplingParams) -> list[str]:
@@ -41,16 +34,7 @@ def test_tp2_server_answers_like_one_process(checkpoint):
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
+        wait_until_healthy(proc, url, timeout=90, interval=0.3)
         for body, params in (
             ({"temperature": 0}, SamplingParams(max_tokens=8, temperature=0.0)),
             ({"temperature": 0.9, "top_k": 20, "seed": 4, "n": 2},

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from megaloom.errors import DataError, MegaloomError
 from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink, JsonlSink, records_from
+from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
 
 if TYPE_CHECKING:
     from megaloom.infer import Engine, Event, SamplingParams
@@ -69,10 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaloom.infer.tensor_parallel import drive, is_leader, relaunch_under_torchrun
+    from megaloom.infer.tensor_parallel import drive, is_leader
 
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return relaunch_under_torchrun(args.nproc)
+    if args.nproc > 1 and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc, args.command_line)
     params = sampling_params(args).validate()
     leader = is_leader()  # under torchrun only rank 0 reads prompts and writes results
     prompts = read_prompts(args.prompts, args.file, sys.stdin) if leader else []
@@ -162,7 +162,7 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
     except ValueError as exc:
         raise MegaloomError(str(exc)) from None
     log.info("loading %s on %s", args.checkpoint, device)
-    if "LOCAL_RANK" in os.environ:
+    if under_torchrun():
         from megaloom.infer.tensor_parallel import load_tensor_parallel_engine
 
         engine, _ = load_tensor_parallel_engine(args.checkpoint, device, args.batch_size)

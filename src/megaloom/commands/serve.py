@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from megaloom.errors import MegaloomError
+from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
 
 NAME = "serve"
 HELP = "serve a checkpoint over HTTP (OpenAI + Megatron APIs, web writing assistant)"
@@ -52,10 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from megaloom.infer.tensor_parallel import relaunch_under_torchrun
-
-        return relaunch_under_torchrun(args.nproc)
+    if args.nproc > 1 and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc, args.command_line)
     _check(args)
     import uvicorn
 
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise MegaloomError(str(exc)) from None
     log.info("loading %s on %s", args.checkpoint, device)
-    if "LOCAL_RANK" in os.environ:  # under torchrun: rank 0 serves, the others follow
+    if under_torchrun():  # rank 0 serves, the others follow
         engine, tokenizer_path = load_tensor_parallel_engine(args.checkpoint, device,
                                                              args.max_batch_size)
     else:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
-import sys
 
 from megaloom.config import load_config
+from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
 
 NAME = "train"
 HELP = "train a GPT (default: the tiny recipe on the embedded corpus)"
@@ -30,25 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(dp = N / (parallel.tp x parallel.pp))")
 
 
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """Re-run this command under `torchrun --standalone --nproc-per-node N`."""
-    argv = [a for a in (args.config, *args.overrides) if a is not None]
-    if args.out:
-        argv += ["--out", args.out]
-    if args.no_resume:
-        argv.append("--no-resume")
-    argv += ["--samples", str(args.samples)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", "-m", "megaloom", "train", *argv]
-    log.info("launching: %s", " ".join(command))
-    return subprocess.call(command)
-
-
 def run(args: argparse.Namespace) -> int:
     from megaloom.train.run import build_trainer
 
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_torchrun(args)
+    if args.nproc > 1 and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc, args.command_line)
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]

@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -46,15 +44,6 @@ CONTROL_TIMEOUT = timedelta(days=30)  # a server may sit idle between requests
 def is_leader() -> bool:
     """Whether this process is rank 0 of its torchrun job (or runs alone)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def relaunch_under_torchrun(nproc: int) -> int:
-    """Re-run this process's command line under `torchrun --standalone` with `nproc` ranks
-    (after `--`, so that torchrun does not take options like `--n` for its own)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "--", "megaloom", *sys.argv[1:]]
-    log.info("launching: %s", " ".join(command))
-    return subprocess.call(command)
 
 
 class FullLogitsGPT(nn.Module):
