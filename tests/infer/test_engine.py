@@ -25,11 +25,11 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("kmajor", [True, False])
-def test_kv_cached_greedy_equals_full_recompute(make_model, arch, kmajor):
+@pytest.mark.parametrize("packed_head", [True, False])
+def test_kv_cached_greedy_equals_full_recompute(make_model, arch, packed_head):
     model = make_model(arch)
     prompt = [5, 17, 99, 3, 250, 42]
-    engine = Engine(model, max_batch_size=2, kmajor_weights=kmajor)
+    engine = Engine(model, max_batch_size=2, packed_head=packed_head)
     [out] = engine.generate([Request(prompt, greedy(64))])
     assert out.completions[0].token_ids == reference_greedy(model, prompt, 64)
     assert out.completions[0].finish_reason == "length"
@@ -125,7 +125,8 @@ def test_stop_token_ids_and_eod(make_model, tokenizer):
 
 
 def test_cancel_finishes_request(make_model):
-    engine = Engine(make_model("gpt2"), max_batch_size=2)
+    model = make_model("gpt2")
+    engine = Engine(model, max_batch_size=2)
     keep = engine.add_request(Request([1, 2, 3], greedy(8)))
     drop = engine.add_request(Request([4, 5], greedy(50)))
     engine.step()
@@ -133,7 +134,7 @@ def test_cancel_finishes_request(make_model):
     while engine.has_unfinished():
         engine.step()
     assert drop.output.completions[0].finish_reason == "cancelled"
-    assert keep.output.completions[0].token_ids == reference_greedy(engine.model, [1, 2, 3], 8)
+    assert keep.output.completions[0].token_ids == reference_greedy(model, [1, 2, 3], 8)
 
 
 def test_streaming_events_rebuild_the_text(make_model, tokenizer):

@@ -12,6 +12,7 @@ itself. Sampling lives in `megaloom.infer.sampling`, text and stop strings in
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 import uuid
@@ -20,12 +21,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from megaloom.infer.head import LogitsHead, PackedHead, packing_supported
 from megaloom.infer.kv_cache import KVCache
-from megaloom.infer.layout import kmajor_view
 from megaloom.infer.params import SamplingError, SamplingParams
-from megaloom.infer.sampling import BatchSampler, token_logprobs
+from megaloom.infer.sampling import BatchSampler, StepSample, token_logprobs
 from megaloom.infer.stop import TextStream
 from megaloom.model.gpt import GPT
 
@@ -150,24 +152,37 @@ class Engine:
     `max_batch_size` is the number of cache slots (sequences decoded together); prompts plus
     completions are limited to the model's `seq_len`. `tokenizer` (anything with `encode`,
     `decode` and optionally `eod_id`) is needed for text prompts, text output and stop strings.
-    `kmajor_weights` (default: on CPU) decodes with a transposed copy of the linear weights
-    (`megaloom.infer.layout`), faster on CPU at the cost of that memory; build a new engine
-    after changing the model's weights. Not thread-safe: call `add_request`, `cancel` and
+    `packed_head` (default: on CPU where the torch build can) applies the output head with
+    `megaloom.infer.head.PackedHead`: prepacked weights, and on CPUs with native bf16 a
+    screened exact greedy path, at the cost of a copy of the head; build a new engine after
+    changing the model's weights. Not thread-safe: call `add_request`, `cancel` and
     `step` from one thread (an asyncio server runs `step` in a worker and serialises them).
     """
 
     def __init__(self, model: GPT, tokenizer: object | None = None, max_batch_size: int = 8,
-                 kmajor_weights: bool | None = None):
+                 packed_head: bool | None = None):
         if max_batch_size < 1:
             raise SamplingError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
         model.eval()
         param = next(model.parameters())
-        if kmajor_weights is None:
-            kmajor_weights = param.device.type == "cpu"
-        with torch.no_grad():
-            self.model = kmajor_view(model) if kmajor_weights else model
-        self.tokenizer = tokenizer
         config = model.config
+        lm_head = getattr(model, "lm_head", None)
+        can_pack = (isinstance(lm_head, nn.Linear) and lm_head.bias is None
+                    and packing_supported(lm_head.weight))
+        if packed_head is None:
+            packed_head = can_pack
+        elif packed_head and not can_pack:
+            raise SamplingError("packed_head needs a bias-free nn.Linear output head on CPU in "
+                                "fp32 or bf16, and a torch build with oneDNN")
+        if packed_head:
+            with torch.no_grad():
+                self.head = PackedHead(lm_head, config.vocab_size, max_batch_size)
+            self.model = copy.copy(model)  # the same model, returning final hidden states
+            self.model._modules = {**model._modules, "lm_head": None}
+        else:
+            self.head = LogitsHead(config.vocab_size)
+            self.model = model
+        self.tokenizer = tokenizer
         self.vocab_size = config.vocab_size
         self.max_len = config.seq_len
         self.device = param.device
@@ -301,15 +316,15 @@ class Engine:
             start, length = group[0].slot, len(group[0].prompt_ids)
             tokens = torch.tensor([s.prompt_ids for s in group], device=self.device)
             echo = any(s.params.echo and s.output.prompt_logprobs is None for s in group)
-            logits = self.model(tokens, kv_cache=self.cache.prefill(start, len(group)),
-                                last_only=not echo)
+            out = self.model(tokens, kv_cache=self.cache.prefill(start, len(group)),
+                             last_only=not echo)
             rows = slice(start, start + len(group))
             self._valid[rows] = False
             self._valid[rows, :length] = True
             self._positions[rows] = length
             if echo:
-                self._record_prompt_logprobs(group, tokens, logits)
-            self._sample(group, logits[:, -1], rows, events)
+                self._record_prompt_logprobs(group, tokens, self.head.logits(out))
+            self._sample(group, out[:, -1], rows, events)
 
     def _decode(self, events: list[Event]) -> None:
         batch = len(self.running)
@@ -318,20 +333,25 @@ class Engine:
         kv_len = max(s.length for s in self.running)
         mask = self._valid[:batch, None, None, :kv_len]
         cache = self.cache.decode(batch, positions, kv_len)
-        logits = self.model(self._tokens[:batch, None], positions[:, None], kv_cache=cache,
-                            attn_mask=mask)
+        out = self.model(self._tokens[:batch, None], positions[:, None], kv_cache=cache,
+                         attn_mask=mask)
         positions += 1
-        self._sample(self.running, logits[:, -1], slice(0, batch), events)
+        self._sample(self.running, out[:, -1], slice(0, batch), events)
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, rows: slice,
+    def _sample(self, seqs: list[_Sequence], out: torch.Tensor, rows: slice,
                 events: list[Event]) -> None:
+        """Choose the next token of each sequence from the model's output at its last
+        position (logits, or final hidden states when the engine applies the head)."""
         key = tuple(id(s) for s in seqs)
         if key != self._sampler_key:
             self._sampler_key = key
             self._sampler = BatchSampler([s.params for s in seqs], [s.generator for s in seqs],
                                          self.vocab_size, self.device)
-        sample = self._sampler.sample(logits, [s.prompt_ids for s in seqs],
-                                      [s.output_ids for s in seqs])
+        if self._sampler.argmax_only:
+            sample = StepSample(self.head.greedy(out).tolist())
+        else:
+            sample = self._sampler.sample(self.head.logits(out), [s.prompt_ids for s in seqs],
+                                          [s.output_ids for s in seqs])
         self._tokens[rows] = torch.tensor(sample.tokens, device=self.device)
         now = time.perf_counter()
         for i, seq in enumerate(seqs):

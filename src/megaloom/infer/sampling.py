@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megaloom.infer.head import row_argmax
 from megaloom.infer.params import SamplingParams
 
 
@@ -74,6 +75,9 @@ class BatchSampler:
         self.penalty_rows = [i for i, p in enumerate(self.params) if p.uses_penalties]
         wanted = [p.logprobs for p in self.params if p.logprobs is not None]
         self.num_top_logprobs = max(wanted) if wanted else None
+        # Greedy with nothing to report or adjust: the argmax alone decides (`OutputHead`).
+        self.argmax_only = (self.all_greedy and not self.penalty_rows
+                            and self.num_top_logprobs is None)
 
     def sample(self, logits: torch.Tensor, prompts: Sequence[Sequence[int]],
                outputs: Sequence[Sequence[int]]) -> StepSample:
@@ -84,7 +88,7 @@ class BatchSampler:
             logits = logits.clone()
             for row in self.penalty_rows:
                 penalize(logits[row], self.params[row], prompts[row], outputs[row])
-        chosen = logits.argmax(dim=-1)
+        chosen = row_argmax(logits)
         if not self.all_greedy:
             chosen = torch.where(self.greedy_mask, chosen, self._draw(logits))
         tokens = chosen.tolist()
