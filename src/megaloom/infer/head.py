@@ -94,7 +94,10 @@ class PackedHead:
         self.screen: torch.Tensor | None = None
         if screen:
             self.screen = _pack(weight.bfloat16(), rows_hint)
-            self.max_row_norm = float(weight.norm(dim=-1).max())
+            u = BF16_ROUNDOFF
+            gamma = weight.shape[1] * FP32_ROUNDOFF / (1 - weight.shape[1] * FP32_ROUNDOFF)
+            relative = 1.01 * (2 * u + u * u + 3 * gamma * (1 + u) ** 2)  # 1% to spare
+            self.abs_error_per_norm = relative * float(weight.norm(dim=-1).max())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary for hidden states (..., hidden)."""
@@ -105,36 +108,33 @@ class PackedHead:
         """The fp32 argmax token of each row of `hidden` (rows, hidden)."""
         if self.screen is None:
             return row_argmax(self.logits(hidden))
-        approx = _packed_linear(hidden.bfloat16(), self.screen).float()
-        threshold = self._candidate_threshold(hidden, approx)
+        approx = _packed_linear(hidden.bfloat16(), self.screen).float().numpy()
         tokens = []
-        # NumPy selects the candidates: torch's CPU nonzero costs ~10x more per row.
-        for row, (scores, bar) in enumerate(zip(approx.numpy(), threshold.tolist(),
-                                                strict=True)):
+        # Per-row work runs in NumPy and Python floats: at a handful of rows, torch's per-op
+        # overhead (and its CPU nonzero) would cost more than the screen saves.
+        for row, (scores, norm) in enumerate(zip(approx, hidden.norm(dim=-1).tolist(),
+                                                 strict=True)):
+            bar = self._candidate_bar(float(scores.max()), norm)
             candidates = torch.from_numpy(np.flatnonzero(scores >= bar))
             if 0 < candidates.numel() <= MAX_CANDIDATES:
                 exact = self.weight[candidates] @ hidden[row]
                 tokens.append(int(candidates[int(exact.argmax())]))
-            else:
+            else:  # NaN or inf in the row, or too close a race: the full fp32 logits
                 tokens.append(int(row_argmax(self.logits(hidden[row : row + 1]))[0]))
         return torch.tensor(tokens, dtype=torch.long)
 
-    def _candidate_threshold(self, hidden: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-        """Per row, the approximate score below which a token cannot be the fp32 argmax.
+    def _candidate_bar(self, top: float, hidden_norm: float) -> float:
+        """The approximate score below which a token cannot be the fp32 argmax of its row.
 
         Each approximate logit a_i is within A + u|a_i| of the fp32 one, where u covers the
-        final rounding of the output to bf16 and A = c * |w_i| * |x| (Cauchy-Schwarz) covers
-        the bf16 rounding of weight and input (2u + u^2 relative per product) and the fp32
-        accumulation of three dot products (this one, the verification and any reference),
-        each within K * 2^-24 relative. The best lower bound is T = top - A - u|top|; token i
-        stays a candidate while a_i + A + u|a_i| >= T, a monotone condition on a_i.
+        final rounding of the output to bf16 and A = `abs_error_per_norm` * |x| bounds, by
+        Cauchy-Schwarz, the bf16 rounding of weight and input (2u + u^2 relative per product)
+        and the fp32 accumulation of three dot products (this one, the verification and any
+        reference), each within K * 2^-24 relative. The best lower bound is
+        T = top - A - u|top|; token i stays a candidate while a_i + A + u|a_i| >= T, a
+        monotone condition on a_i, solved here for a_i.
         """
-        k = hidden.shape[-1]
-        u = BF16_ROUNDOFF
-        gamma = k * FP32_ROUNDOFF / (1 - k * FP32_ROUNDOFF)
-        c = 1.01 * (2 * u + u * u + 3 * gamma * (1 + u) ** 2)
-        u_out = u / (1 - u)
-        bound = c * self.max_row_norm * hidden.float().norm(dim=-1)
-        top = approx.amax(dim=-1)
-        rest = top - bound - u_out * top.abs() - bound
-        return torch.where(rest >= 0, rest / (1 + u_out), rest / (1 - u_out))
+        u_out = BF16_ROUNDOFF / (1 - BF16_ROUNDOFF)
+        spread = self.abs_error_per_norm * hidden_norm
+        rest = top - u_out * abs(top) - 2 * spread
+        return rest / (1 + u_out) if rest >= 0 else rest / (1 - u_out)

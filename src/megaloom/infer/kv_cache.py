@@ -26,7 +26,7 @@ class KVCache:
         self._prefill_rows: slice | None = None
         self._batch = 0
         self.rows = torch.arange(slots, device=device)
-        self._positions: torch.Tensor | None = None
+        self._flat_rows: torch.Tensor | None = None
         self._kv_len = 0
 
     def prefill(self, start: int, count: int) -> KVCache:
@@ -38,7 +38,12 @@ class KVCache:
         """The next forward holds one token for each slot `0..batch-1`, at `positions`
         (batch,); attention reads the first `kv_len` positions of each slot."""
         self._prefill_rows = None
-        self._batch, self._positions, self._kv_len = batch, positions, kv_len
+        self._batch, self._kv_len = batch, kv_len
+        # Row of each (slot, head) pair's new entry in a layer viewed as (-1, head_dim):
+        # one index_copy_ per tensor and layer, cheaper than 2-D advanced indexing.
+        heads = self.k.shape[2]
+        slot_heads = torch.arange(batch * heads, device=self.k.device).view(batch, heads)
+        self._flat_rows = (slot_heads * self.max_len + positions[:, None]).reshape(-1)
         return self
 
     def update(self, layer_index: int, k: torch.Tensor, v: torch.Tensor
@@ -50,9 +55,9 @@ class KVCache:
             layer_k[self._prefill_rows, :, :length] = k
             layer_v[self._prefill_rows, :, :length] = v
             return k, v
-        rows = self.rows[: self._batch]
-        layer_k[rows, :, self._positions] = k[:, :, 0]
-        layer_v[rows, :, self._positions] = v[:, :, 0]
+        head_dim = k.shape[-1]
+        layer_k.view(-1, head_dim).index_copy_(0, self._flat_rows, k.reshape(-1, head_dim))
+        layer_v.view(-1, head_dim).index_copy_(0, self._flat_rows, v.reshape(-1, head_dim))
         return layer_k[: self._batch, :, : self._kv_len], layer_v[: self._batch, :, : self._kv_len]
 
     def move(self, src: int, dst: int, length: int) -> None:
