@@ -77,3 +77,29 @@ def test_logprobs_are_the_raw_model_distribution():
     assert step.tokens == [1]
     assert step.logprobs[0] == pytest.approx(2.0 - norm)
     assert [t for t, _ in step.top_logprobs[0]] == [2, 1]
+
+
+def reference_kept(probs: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """The textbook filter: sort, cut at rank k, renormalise, keep while the mass before a
+    token is below top_p."""
+    values, order = probs.sort(descending=True)
+    if top_k:
+        values = values[:top_k]
+    if top_p >= 1.0:
+        return set(order[: len(values)].tolist())
+    values = values / values.sum()
+    mass_before = values.cumsum(0) - values
+    return set(order[: int((mass_before < top_p).sum())].tolist())
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_keep_floor_matches_the_sorted_reference(temperature):
+    gen = torch.Generator().manual_seed(3)
+    settings = [(0, 0.9), (5, 1.0), (40, 0.5), (0, 0.05), (1, 1.0), (0, 1.0), (300, 0.99)]
+    params = [SamplingParams(temperature=temperature, top_k=k, top_p=p) for k, p in settings]
+    sampler = BatchSampler(params, [None] * len(params), 1000, torch.device("cpu"))
+    logits = torch.randn(len(params), 1000, generator=gen) * 3
+    probs = torch.softmax(logits / temperature, dim=-1)
+    kept = probs >= sampler._keep_floor(probs)
+    for row, (k, p) in enumerate(settings):
+        assert set(kept[row].nonzero()[:, 0].tolist()) == reference_kept(probs[row], k, p)

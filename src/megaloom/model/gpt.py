@@ -133,6 +133,10 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Block(nn.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -145,8 +149,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), ctx))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        drop = self.dropout if self.training else _unchanged  # skip the no-op call at decode
+        x = x + drop(self.attn(self.attn_norm(x), ctx))
+        return x + drop(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):
