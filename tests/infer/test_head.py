@@ -74,3 +74,14 @@ def test_row_argmax_equals_torch_argmax():
     logits[2, 7] = float("nan")  # NaN counts as the largest
     logits[3] = float("-inf")
     assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
+
+
+def test_packed_head_serves_bf16_models(make_model):
+    """A bf16 model gets packed bf16 logits (no screen: they already are the model's own)."""
+    model = make_model("llama").to(torch.bfloat16)
+    engine = Engine(model, max_batch_size=2)
+    assert isinstance(engine.head, PackedHead) and engine.head.screen is None
+    hidden = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model.lm_head(hidden)[:, : model.config.vocab_size]
+    torch.testing.assert_close(engine.head.logits(hidden), expected, rtol=2e-2, atol=2e-2)
