@@ -13,20 +13,19 @@ it measures:
 Each figure is the best of `--repeats` runs, alternating the two frameworks, so a noisy shared
 machine penalises both alike. The greedy outputs of the two are compared as a sanity check.
 
-    python benchmarks/generate_throughput.py [--json out.json]
+    python -m benchmarks.generate_throughput [--temperature 0.8 --top-p 0.95] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from benchmarks.common import machine_info, write_json
 from megaloom.config import ModelConfig
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.interop.weights import megaloom_to_hf
@@ -116,19 +115,6 @@ def bench_batch(batch: int, ours: GPT, hf: GPT2LMHeadModel, args) -> dict:
     return report
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    import transformers
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
@@ -151,7 +137,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     ours, hf = build_models(args)
-    info = {"machine": machine(), "params_m": ours.num_parameters() / 1e6,
+    machine = {**machine_info(), "transformers": transformers.__version__}
+    info = {"machine": machine, "params_m": ours.num_parameters() / 1e6,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
     print(f"machine: {info['machine']}")
     decoding = (f"sampled (temperature {args.temperature}, top-p {args.top_p})"
@@ -170,9 +157,7 @@ def main() -> None:
               f"prefill {report['prefill_tokens_per_s_ratio']:.2f}x  "
               f"TTFT {report['ttft_speedup']:.2f}x  same greedy tokens: "
               f"{report.get('same_greedy_tokens', 'n/a (sampled)')}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
+    write_json(args.json, info)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ then printed beside the closed-form volumes, per optimizer step, for global rank
 The TP ratio is above 1 by the embedding all-reduce (and, on the last stage, the head's input
 gradient and the loss's per-token scalars), which the per-layer formula leaves out.
 
-    python benchmarks/parallel_overhead.py [--steps 5]
+    python -m benchmarks.parallel_overhead [--steps 5]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import machine_info
 
+from benchmarks.common import machine_info
 from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model.gpt import GPT
 from megaloom.parallel.data_parallel import ParallelOptimizer

@@ -11,7 +11,7 @@ level keeps that many streaming `/v1/completions` requests in flight and measure
 The reference is concurrency 1 in the same run: the ratio column shows what continuous
 batching buys (target: >= 4x at concurrency 16 on a 2-core CPU).
 
-    python benchmarks/serve_throughput.py [--concurrency 1 4 16 32] [--json out.json]
+    python -m benchmarks.serve_throughput [--concurrency 1 4 16 32] [--json out.json]
 """
 
 from __future__ import annotations

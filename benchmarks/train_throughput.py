@@ -6,7 +6,7 @@ each step is forward + backward + clip + optimizer step. Timings alternate betwe
 models after warm-up, so background load hits both alike. Reports tokens/s for fp32 and bf16
 autocast and the ratios megaloom/HF-fp32 and megaloom-bf16/HF-fp32.
 
-    python benchmarks/train_throughput.py [--steps 10] [--json out.json]
+    python -m benchmarks.train_throughput [--steps 10] [--json out.json]
 """
 
 from __future__ import annotations
