@@ -125,7 +125,7 @@ def test_convert_refuses_a_non_empty_output_and_keeps_it(tmp_path, capsys):
 
 
 def test_shard_sizes_parse_like_transformers_and_typos_fail(tmp_path, capsys):
-    from megaloom.interop.safetensors_io import parse_size
+    from megaloom.interop.weight_files import parse_size
 
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("20KB") == 20_000

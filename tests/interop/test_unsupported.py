@@ -117,13 +117,6 @@ def test_weights_that_do_not_match_the_config_are_named(saved, tmp_path, arch, e
         load_hf_model(directory)
 
 
-def test_pytorch_bin_only_directory_is_explained(saved, tmp_path):
-    (tmp_path / "config.json").write_text((saved / "gpt2" / "config.json").read_text())
-    (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="safetensors"):
-        load_hf_model(tmp_path)
-
-
 @pytest.mark.parametrize(("overrides", "field"), [
     (dict(arch="gpt2", num_kv_heads=2), "num_kv_heads"),
     (dict(arch="gpt2", norm="rmsnorm"), "model.norm"),

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from megaloom.interop.hf import export_hf, import_hf
-    from megaloom.interop.safetensors_io import parse_size
+    from megaloom.interop.weight_files import parse_size
 
     if args.direction == "hf-to-megaloom":
         out = import_hf(args.hf_dir, args.out)

@@ -11,7 +11,8 @@ Public entry points:
   the HF tokenizer side files kept, so exporting it again restores them.
 
 The pieces live beside this file: `hf_config` (config.json mapping and refusals), `weights`
-(tensor names and layouts), `safetensors_io` (single/sharded files), `tokenizer_files`.
+(tensor names and layouts), `weight_files` (single or sharded safetensors and .bin files),
+`tokenizer_files`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import torch
 from megaloom.config import Config, ModelConfig
 from megaloom.errors import CheckpointError
 from megaloom.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
-from megaloom.interop.safetensors_io import (
+from megaloom.interop.tokenizer_files import copy_side_files, find_tokenizer, write_tokenizer_files
+from megaloom.interop.weight_files import (
     DEFAULT_MAX_SHARD_SIZE,
     read_hf_weights,
     write_hf_weights,
 )
-from megaloom.interop.tokenizer_files import copy_side_files, find_tokenizer, write_tokenizer_files
 from megaloom.interop.weights import hf_to_megaloom, megaloom_to_hf
 from megaloom.model.gpt import GPT
 from megaloom.utils.io import atomic_dir
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 def load_hf_model(
     hf_dir: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32
 ) -> tuple[GPT, Config, Path | None]:
-    """Build a megaloom `GPT` from a HF GPT-2/Llama directory (config.json + safetensors).
+    """Build a megaloom `GPT` from a HF GPT-2/Llama directory (config.json + weights).
 
     Weights are cast to `dtype` (fp32 master weights by default); the embedding and head get
     zero padding rows up to `padded_vocab_size`. Returns the model, a default `Config` around

@@ -1,5 +1,9 @@
-"""Hugging Face weight files: one `model.safetensors`, or shards listed in
-`model.safetensors.index.json`, read into and written from a flat name -> tensor dict.
+"""Hugging Face weight files, read into and written from a flat name -> tensor dict.
+
+Reads one `model.safetensors` or the shards listed in `model.safetensors.index.json`, and,
+for older checkpoints, `pytorch_model.bin` or its sharded `pytorch_model.bin.index.json` form
+(loaded with `torch.load(weights_only=True)`, which refuses anything but tensors, so a .bin
+file cannot run code). safetensors wins when a directory has both. Writes safetensors only.
 
 Owns only the file layout (shard planning, the index, size parsing); it knows nothing about
 model architectures. Reading checks that the index and the shards agree; writing clones one
@@ -11,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +29,8 @@ from megaloom.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1000**3
 
 log = logging.getLogger(__name__)
@@ -49,21 +57,16 @@ def parse_size(size: int | str) -> int:
 def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face model directory (single file or sharded)."""
     directory = Path(directory)
-    index_path = directory / INDEX_NAME
-    if index_path.is_file():
-        return _read_sharded(index_path)
-    single = directory / WEIGHTS_NAME
-    if single.is_file():
-        return _read_file(single)
-    if any(directory.glob("pytorch_model*.bin")):
-        raise CheckpointError(
-            f"{directory}: only PyTorch .bin weights found; megaloom reads safetensors "
-            f"(re-save the model with `save_pretrained(..., safe_serialization=True)`)"
-        )
-    raise CheckpointError(f"{directory}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found")
+    for single, index, reader in _FORMATS:
+        if (directory / index).is_file():
+            return _read_sharded(directory / index, reader)
+        if (directory / single).is_file():
+            return reader(directory / single)
+    raise CheckpointError(f"{directory}: no weights found (looked for {WEIGHTS_NAME}, "
+                          f"{INDEX_NAME}, {BIN_WEIGHTS_NAME} and {BIN_INDEX_NAME})")
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
@@ -71,18 +74,35 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from exc
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read PyTorch weights file (only plain tensor "
+                              f"state dicts are accepted): {exc}") from exc
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: not a state dict of named tensors")
+    return state
+
+
+_FORMATS = ((WEIGHTS_NAME, INDEX_NAME, _read_safetensors),
+            (BIN_WEIGHTS_NAME, BIN_INDEX_NAME, _read_bin))
+
+
+def _read_sharded(index_path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]
+                  ) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        raise CheckpointError(f"{index_path}: not a valid weights index ({exc})") from exc
     tensors: dict[str, torch.Tensor] = {}
     shards = sorted(set(weight_map.values()))
     for shard in tqdm(shards, desc="reading shards", unit="shard", disable=None):
         path = index_path.parent / shard
         if not path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard} is missing")
-        for name, tensor in _read_file(path).items():
+        for name, tensor in reader(path).items():
             if weight_map.get(name) != shard:
                 raise CheckpointError(f"{path}: tensor {name!r} is not listed for this shard in "
                                       f"{index_path.name}")
