@@ -13,7 +13,7 @@ from megaloom.data.tokenizer import train_bpe
 from megaloom.train.checkpoint import load_model
 
 
-def test_finetune_from_hf_dir_and_export(tmp_path):
+def test_finetune_from_hf_dir_and_export(tmp_path, caplog):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(
         json.dumps({"text": f"Doc {i}: the quick brown fox jumps over the lazy dog. " * 3}) + "\n"
@@ -31,12 +31,14 @@ def test_finetune_from_hf_dir_and_export(tmp_path):
     prefix = tmp_path / "data" / "corpus"
     assert main(["preprocess", "--input", str(corpus), "--output-prefix", str(prefix),
                  "--tokenizer", str(tmp_path / "hf"), "--append-eod", "--no-progress"]) == 0
-    assert main(["train", f"model.init_from=hf:{tmp_path / 'hf'}",
+    assert main(["train", f"model.init_from=hf:{tmp_path / 'hf'}", "model.num_layers=7",
                  f"data.prefixes=[{prefix}_text_document]", "data.split=80,20,0",
                  f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=3", "train.lr=1e-2",
                  "train.warmup_steps=0", "train.micro_batch_size=2", "train.global_batch_size=2",
                  "train.eval_interval=3", "train.eval_iters=1", "train.save_interval=3",
                  "--samples", "0", "--out", str(tmp_path / "run")]) == 0
+    # the checkpoint's shape won, and the one field the user set differently is named
+    assert "the recipe's num_layers=7 are ignored" in caplog.text
     assert main(["convert", "megaloom-to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
 
     model, run_config, _ = load_model(tmp_path / "run")

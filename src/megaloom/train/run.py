@@ -48,6 +48,15 @@ def initial_model(config: Config) -> GPT:
         return GPT(config.model)
     model, loaded, tokenizer = ckpt.load_model(source)
     dropout = config.model.dropout
+    defaults = type(config.model)(arch=config.model.arch)
+    ignored = [f"{f.name}={getattr(config.model, f.name)!r}"
+               for f in dataclasses.fields(config.model)
+               if f.name not in ("init_from", "dropout")
+               and getattr(config.model, f.name) != getattr(defaults, f.name)
+               and getattr(config.model, f.name) != getattr(loaded.model, f.name)]
+    if ignored:
+        log.warning("model.init_from=%s sets the model's shape; the recipe's %s are ignored",
+                    source, ", ".join(ignored))
     config.model = dataclasses.replace(loaded.model, init_from=source, dropout=dropout)
     if config.data.tokenizer is None and tokenizer is not None:
         config.data.tokenizer = str(tokenizer)
