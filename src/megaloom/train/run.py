@@ -55,7 +55,7 @@ def initial_model(config: Config) -> GPT:
                and getattr(config.model, f.name) != getattr(defaults, f.name)
                and getattr(config.model, f.name) != getattr(loaded.model, f.name)]
     if ignored:
-        log.warning("model.init_from=%s sets the model's shape; the recipe's %s are ignored",
+        log.warning("model.init_from=%s sets the model's shape; ignoring the recipe's %s",
                     source, ", ".join(ignored))
     config.model = dataclasses.replace(loaded.model, init_from=source, dropout=dropout)
     if config.data.tokenizer is None and tokenizer is not None:
