@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megaloom.config import ModelConfig
+from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import Tokenizer, train_bpe
 from megaloom.model.gpt import GPT
+from megaloom.train.checkpoint import save_model_files
 
 TEXT = """The quick brown fox jumps over the lazy dog.
 Pack my box with five dozen liquor jugs. The end of the story is near.
@@ -43,3 +44,13 @@ def build_model(arch: str = "gpt2", vocab_size: int = 320, seq_len: int = 128, s
     config = ModelConfig(arch=arch, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                          seq_len=seq_len, vocab_size=vocab_size, init_std=std)
     return GPT(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer_path, make_model) -> str:
+    """A saved tiny Llama checkpoint directory with the test tokenizer beside it."""
+    tok = Tokenizer.from_file(tokenizer_path)
+    model = make_model("llama", vocab_size=tok.vocab_size)
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_model_files(path, model, Config(model=model.config), tokenizer_path)
+    return str(path)

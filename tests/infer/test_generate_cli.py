@@ -11,21 +11,11 @@ import sqlalchemy as sa
 
 from megaloom.cli import main
 from megaloom.commands.generate import read_prompts
-from megaloom.config import Config
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError, MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.infer.sinks import GENERATIONS
-from megaloom.train.checkpoint import load_model, save_model_files
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer_path, make_model):
-    tok = Tokenizer.from_file(tokenizer_path)
-    model = make_model("llama", vocab_size=tok.vocab_size)
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    save_model_files(path, model, Config(model=model.config), tokenizer_path)
-    return str(path)
+from megaloom.train.checkpoint import load_model
 
 
 def expected_text(checkpoint: str, prompt: str, max_tokens: int) -> str:

@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from megaloom.cli import main
-from megaloom.config import Config
-from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.infer.tensor_parallel import (
@@ -28,7 +26,6 @@ from megaloom.infer.tensor_parallel import (
 )
 from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.topology import Topology
-from megaloom.train.checkpoint import save_model_files
 
 sys.path.append(str(Path(__file__).parents[1] / "distributed"))
 from harness import spawn  # noqa: E402
@@ -91,15 +88,6 @@ def test_pipeline_or_data_parallel_layout_is_refused():
     check_tensor_parallel(topo)
     with pytest.raises(MegaloomError, match="pp=2"):
         check_tensor_parallel(dataclasses.replace(topo, pp=2))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer_path, make_model):
-    tok = Tokenizer.from_file(tokenizer_path)
-    model = make_model("llama", vocab_size=tok.vocab_size)
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    save_model_files(path, model, Config(model=model.config), tokenizer_path)
-    return str(path)
 
 
 def test_cli_nproc2_prints_and_writes_what_one_process_does(checkpoint, tmp_path, capsys):

@@ -61,6 +61,7 @@ class BatchSampler:
         self.device = device
         greedy = [p.greedy for p in self.params]
         self.all_greedy = all(greedy)
+        self.any_greedy = any(greedy)
         self.greedy_mask = torch.tensor(greedy, device=device)
         self.temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0
                                          for p in self.params], device=device)[:, None]
@@ -72,7 +73,8 @@ class BatchSampler:
         self.penalty_rows = [i for i, p in enumerate(self.params) if p.uses_penalties]
         wanted = [p.logprobs for p in self.params if p.logprobs is not None]
         self.num_top_logprobs = max(wanted) if wanted else None
-        # Greedy with nothing to report or adjust: the argmax alone decides (`OutputHead`).
+        # Greedy with nothing to report or adjust: the argmax alone decides, and the
+        # engine's output head may find it without full logits (`megaloom.infer.head`).
         self.argmax_only = (self.all_greedy and not self.penalty_rows
                             and self.num_top_logprobs is None)
 
@@ -85,9 +87,12 @@ class BatchSampler:
             logits = logits.clone()
             for row in self.penalty_rows:
                 penalize(logits[row], self.params[row], prompts[row], outputs[row])
-        chosen = row_argmax(logits)
-        if not self.all_greedy:
-            chosen = torch.where(self.greedy_mask, chosen, self._draw(logits))
+        if self.all_greedy:
+            chosen = row_argmax(logits)
+        else:
+            chosen = self._draw(logits)
+            if self.any_greedy:
+                chosen = torch.where(self.greedy_mask, row_argmax(logits), chosen)
         tokens = chosen.tolist()
         if self.num_top_logprobs is None:
             return StepSample(tokens)
