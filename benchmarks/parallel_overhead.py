@@ -29,11 +29,12 @@ import torch.multiprocessing as mp
 
 from benchmarks.common import machine_info
 from megaloom.config import ModelConfig, TrainConfig
+from megaloom.layout_rules import stage_layers
 from megaloom.model.gpt import GPT
 from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import parallelize
-from megaloom.parallel.pipeline import forward_backward, stage_layers
+from megaloom.parallel.pipeline import forward_backward
 from megaloom.parallel.pipeline_interleaved import interleaved_forward_backward
 from megaloom.parallel.topology import Topology
 

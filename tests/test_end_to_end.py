@@ -69,7 +69,7 @@ def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
 def test_corrupted_checkpoint_stops_resume_and_keeps_files(prepared, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(prepared, out, "train.exit_at_step=3")) == 0
-    weights = out / "checkpoints" / "step_00000003" / "model.safetensors"
+    weights = out / "checkpoints" / "step_00000003" / "shard_00000.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     damaged = weights.read_bytes()
     capsys.readouterr()

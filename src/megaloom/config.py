@@ -203,13 +203,11 @@ class ParallelConfig:
     vpp: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    timeout_s: float = 600.0
 
     def validate(self) -> None:
-        _require(self.tp >= 1, "parallel.tp", "must be >= 1")
-        _require(self.pp >= 1, "parallel.pp", "must be >= 1")
-        _require(self.vpp >= 1, "parallel.vpp", "must be >= 1")
-        _require(self.vpp == 1 or self.pp > 1, "parallel.vpp",
-                 "interleaved virtual stages need parallel.pp > 1")
+        _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0 (seconds a rank waits "
+                 "in a collective before failing)")
 
 
 @dataclass
@@ -222,9 +220,19 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> Config:
+        """Check every section, then the layout against the model (`layout_rules`; dp is
+        only known at launch, so its rules wait for the trainer)."""
+        from megaloom.layout_rules import LayoutSpec, layout_problems
+
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        par, train = self.parallel, self.train
+        spec = LayoutSpec(tp=par.tp, pp=par.pp, vpp=par.vpp, dp=None,
+                          sequence_parallel=par.sequence_parallel,
+                          activation_checkpointing=train.activation_checkpointing)
+        for _key, message in layout_problems(self.model, spec)[:1]:
+            raise ConfigError(message)
         return self
 
     def to_dict(self) -> dict[str, Any]:

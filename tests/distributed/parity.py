@@ -20,7 +20,7 @@ from megaloom.parallel.parallelize import gather_full, gather_full_state_dict, p
 from megaloom.parallel.pipeline import forward_backward as parallel_forward_backward
 from megaloom.parallel.pipeline_interleaved import interleaved_forward_backward
 from megaloom.parallel.topology import Topology
-from megaloom.train.optim import build_optimizer
+from megaloom.train.optim import parameter_groups
 
 MICRO_BATCH = 2
 GLOBAL_BATCH = 8
@@ -57,7 +57,8 @@ def fresh_model(cfg: ModelConfig) -> GPT:
 def reference_run(cfg: ModelConfig, steps: int) -> list[dict]:
     """Per step: loss, grad norm, gradients (pre-clip) and post-step weights."""
     model, tcfg = fresh_model(cfg), train_config()
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tcfg.weight_decay), lr=tcfg.lr,
+                                  betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
     records = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)

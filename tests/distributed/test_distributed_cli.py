@@ -1,12 +1,20 @@
 """`megaloom train --nproc 2` launches torchrun and matches the single-process run, both data
 parallel (samples sharded, distributed optimizer) and pipelined (validation through the stages);
-a layout that does not fit the world size is a one-line error."""
+a layout that does not fit the world size is a one-line error; a killed rank is restarted and
+the run resumes to the same losses; a crash while writing shards loses nothing."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from megaloom.cli import main
+from megaloom.train import checkpoint as ckpt
 from megaloom.train.metrics import read_metrics
 
 SENTENCES = ["The loom weaves threads of text into cloth.", "Models predict the next token.",
@@ -50,10 +58,83 @@ def test_nproc_run_matches_single_process(data, tmp_path, layout):
         assert ("val_loss" in a) == ("val_loss" in b)
         if "val_loss" in a:
             assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
-    assert (tmp_path / "two" / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    step = tmp_path / "two" / "checkpoints" / "step_00000003"
+    # both ranks write their own shard (pipeline stages, or ZeRO-1 optimizer shards)
+    assert sorted(p.name for p in step.glob("shard_*")) == ["shard_00000.safetensors",
+                                                             "shard_00001.safetensors"]
 
 
 def test_layout_larger_than_world_is_a_clear_error(data, tmp_path, capsys):
     assert main(train_args(data, tmp_path / "bad", "parallel.tp=2")) != 0
     err = capsys.readouterr().err
     assert "parallel.tp" in err and "Traceback" not in err
+
+
+def _worker_pids(out_dir, rank: int) -> list[int]:
+    """Pids of the torchrun workers of the run writing to `out_dir` with global rank `rank`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out_dir).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and any(e.startswith(b"LOCAL_RANK=") for e in environ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_killed_rank_restarts_and_resumes_to_the_same_losses(data, tmp_path):
+    """4 gloo ranks (tp2 x dp2) with one restart allowed; rank 2 is SIGKILLed after the step-4
+    checkpoint; torchrun restarts the group, which resumes from that checkpoint by itself."""
+    steps = ["train.max_steps=12", "train.save_interval=4", "parallel.tp=2"]
+    assert main(train_args(data, tmp_path / "straight", *steps, "--nproc", "4")) == 0
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "megaloom", *train_args(data, out, *steps, "--nproc", "4",
+                                                             "--max-restarts", "1")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = None
+    deadline = time.monotonic() + 120
+    while run.poll() is None and time.monotonic() < deadline and killed is None:
+        latest = out / "checkpoints" / "latest"
+        if latest.is_file() and latest.read_text().strip() == "step_00000004":
+            for pid in _worker_pids(out, 2):
+                os.kill(pid, signal.SIGKILL)
+                killed = pid
+        time.sleep(0.005)
+    _, err = run.communicate(timeout=300)
+    assert killed is not None, "the run ended before a rank could be killed"
+    assert run.returncode == 0, err.decode()[-3000:]
+    assert b"SIGKILL" in err or b"Signals.SIGKILL" in err or b"-9" in err
+    want = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    got = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 13))
+    for a, b in zip(want, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), a["step"]
+
+
+def test_crash_while_writing_shards_keeps_the_last_checkpoint(data, tmp_path):
+    """SIGKILL in the middle of writing a shard file: the previous checkpoint stays `latest`
+    and loadable, and the next run removes the torn temporary and resumes from it."""
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "train.max_steps=2")) == 0
+    script = (
+        "import os, signal, sys\n"
+        "from megaloom.checkpoint import shards\n"
+        "from megaloom.cli import main\n"
+        "def torn(self, path):\n"
+        "    path.write_bytes(b'partial shard')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shards.ShardWriter.write = torn\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    killed = subprocess.run([sys.executable, "-c", script,
+                             *train_args(data, out, "train.max_steps=3")], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    root = out / "checkpoints"
+    assert (root / ".step_00000003.tmp").is_dir()
+    assert ckpt.find_latest(out).name == "step_00000002"
+    ckpt.load_model(out)
+    assert main(train_args(data, out, "train.max_steps=3")) == 0
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002",
+                                                      "step_00000003"]

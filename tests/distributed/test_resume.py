@@ -1,15 +1,12 @@
 """Checkpoints are independent of the layout: train under tp2 pp2 (interleaved, vpp2), resume
 in one process, then under tp4; the losses (train and validation) continue as in one
-uninterrupted single-process run, and the checkpoints are the single-process format."""
+uninterrupted single-process run; every rank writes and reads only its own shards."""
 
 import numpy as np
 import torch
 from harness import spawn
 
 from megaloom.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from megaloom.model import GPT
-from megaloom.parallel.topology import Topology
-from megaloom.parallel.trainer import ParallelTrainer
 from megaloom.train import checkpoint as ckpt
 from megaloom.train.metrics import read_metrics
 from megaloom.train.trainer import Trainer
@@ -28,12 +25,7 @@ def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1):
                           eval_interval=2, eval_iters=3, save_interval=100, lr=3e-3),
         parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp),
     )
-    torch.manual_seed(cfg.train.seed)
-    plain = Trainer(cfg, GPT(cfg.model), DATA, DATA[:50], None, torch.device("cpu"))
-    if tp * pp == 1 and not torch.distributed.is_initialized():
-        trainer = plain
-    else:
-        trainer = ParallelTrainer(plain, Topology.build(tp, pp))
+    trainer = Trainer.create(cfg, DATA, DATA[:50])
     if ckpt.find_latest(out_dir) is not None:
         trainer.resume(out_dir)
     return trainer

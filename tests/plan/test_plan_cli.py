@@ -62,10 +62,10 @@ def test_search_json(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["tiny", "--tp", "3", "--gpus", "3"], "--tp 3 does not divide model.num_heads=4"),
+    (["tiny", "--tp", "3", "--gpus", "3"], "model.num_heads=4 is not divisible by parallel.tp=3"),
     (["tiny", "--tp", "2", "--gpus", "6", "--pp", "2"], "not divisible by tp x pp"),
-    (["tiny", "--gpus", "4", "--global-batch", "6"], "--global-batch 6 is not divisible"),
-    (["tiny", "--pp", "3", "--gpus", "3"], "num_layers=4 is not divisible"),
+    (["tiny", "--gpus", "4", "--global-batch", "6"], "train.global_batch_size=6 is not a multiple"),
+    (["tiny", "--pp", "5", "--gpus", "5"], "model.num_layers=4 is smaller than parallel.pp"),
     (["no-such-model"], "neither a YAML file nor a preset"),
     (["tiny", "--gpu", "v100"], "no bf16"),
     (["tiny", "--tflops", "5000"], "exceeds"),

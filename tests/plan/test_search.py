@@ -23,7 +23,7 @@ def brute_force(model, gpu, gpus, global_batch, gpus_per_node=8):
     for tp, pp, micro, recompute in itertools.product(
             range(1, gpus + 1), range(1, model.num_layers + 1),
             [2**k for k in range(global_batch.bit_length())], ("none", "selective", "full")):
-        if gpus % (tp * pp):
+        if gpus % (tp * pp) or model.num_layers % pp:  # the search proposes balanced stages
             continue
         layout = Layout(gpus=gpus, tp=tp, pp=pp, micro_batch=micro, global_batch=global_batch,
                         recompute=recompute, sequence_parallel=tp > 1,

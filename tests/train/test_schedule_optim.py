@@ -5,8 +5,10 @@ import torch
 
 from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model import GPT
-from megaloom.train.optim import build_optimizer
-from megaloom.train.precision import DynamicLossScaler, clip_grad_norm
+from megaloom.parallel.data_parallel import ParallelOptimizer
+from megaloom.parallel.topology import Topology
+from megaloom.train.optim import parameter_groups
+from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.schedule import learning_rate
 
 
@@ -32,28 +34,31 @@ def test_linear_and_constant_decay():
 def test_no_weight_decay_on_biases_norms_embeddings():
     model = GPT(ModelConfig(arch="llama", num_layers=1, hidden_size=32, num_heads=4,
                             vocab_size=64, seq_len=8))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
-    decay, no_decay = opt.param_groups
+    groups = parameter_groups(model, 0.1)
+    decay, no_decay = groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.embed.weight) in no_decay_ids
     assert id(model.final_norm.weight) in no_decay_ids
     assert id(model.layers["0"].attn.qkv.weight) not in no_decay_ids
     assert id(model.lm_head.weight) not in no_decay_ids  # untied output layer is a projection
-    total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    total = sum(p.numel() for g in groups for p in g["params"])
     assert total == model.num_parameters()
 
 
 def test_clip_grad_norm_matches_torch():
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p, c in zip(params, clones, strict=True):
+    model = GPT(ModelConfig(num_layers=1, hidden_size=32, num_heads=4, vocab_size=64,
+                            seq_len=8))
+    optimizer = ParallelOptimizer(model, Topology.build(), TrainConfig())
+    for p in optimizer.params:
         p.grad = torch.randn_like(p) * 3
+    clones = [torch.nn.Parameter(p.detach().clone()) for p in optimizer.params]
+    for p, c in zip(optimizer.params, clones, strict=True):
         c.grad = p.grad.clone()
-    ours = clip_grad_norm(params, 1.0)
+    ours = optimizer.clip_grad_norm(1.0)
     ref = torch.nn.utils.clip_grad_norm_(clones, 1.0)
     assert ours == pytest.approx(ref.item(), rel=1e-6)
-    for p, c in zip(params, clones, strict=True):
+    for p, c in zip(optimizer.params, clones, strict=True):
         torch.testing.assert_close(p.grad, c.grad)
 
 

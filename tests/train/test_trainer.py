@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from megaloom.config import Config, ModelConfig, TrainConfig
-from megaloom.model import GPT
 from megaloom.train.metrics import read_metrics
 from megaloom.train.trainer import Trainer
 
@@ -27,8 +26,7 @@ def make_trainer(out_dir, arch="gpt2", dropout=0.1, **train):
                           vocab_size=VOCAB, seq_len=SEQ, dropout=dropout),
         train=TrainConfig(**{**settings, **train}),
     )
-    torch.manual_seed(cfg.train.seed)
-    return Trainer(cfg, GPT(cfg.model), DATA, DATA[:50], None, torch.device("cpu"))
+    return Trainer.create(cfg, DATA, DATA[:50])
 
 
 def losses(out_dir):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from megaloom.config import load_config
 from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
@@ -27,25 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="start N processes on this machine with torchrun "
                              "(dp = N / (parallel.tp x parallel.pp))")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                        help="elastic restarts: when a rank dies, torchrun restarts all ranks "
+                             "up to K times and the run resumes from its newest checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
     from megaloom.train.run import build_trainer
 
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc, args.command_line)
+    if (args.nproc > 1 or args.max_restarts) and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc, args.command_line, args.max_restarts)
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     config = load_config(config_path, overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.parallel.tp * config.parallel.pp > 1:
-        from megaloom.parallel.trainer import build_parallel_trainer
-
-        trainer = build_parallel_trainer(config, resume=not args.no_resume)
-    else:
-        trainer = build_trainer(config, resume=not args.no_resume)
+    trainer = build_trainer(config, resume=not args.no_resume)
     result = trainer.run()
     if not trainer.is_main:
         return 130 if result.interrupted else 0

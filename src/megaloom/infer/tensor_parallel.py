@@ -31,7 +31,7 @@ from megaloom.config import Config
 from megaloom.errors import MegaloomError
 from megaloom.infer.engine import Engine, Event, Request, RequestHandle
 from megaloom.model.gpt import GPT
-from megaloom.parallel.parallelize import parallelize
+from megaloom.parallel.build import build_shard
 from megaloom.parallel.random import seed_everything
 from megaloom.parallel.topology import Axis, Topology, init_distributed
 
@@ -64,19 +64,20 @@ class FullLogitsGPT(nn.Module):
 
 def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
                          ) -> tuple[FullLogitsGPT, Config, Path | None, Topology]:
-    """Join the torchrun job, load the checkpoint `spec` (as `load_model`) and keep this rank's
-    shard on `device` (default: the local accelerator, else the CPU).
+    """Join the torchrun job and build this rank's tensor-parallel shard of the checkpoint
+    `spec` (anything `load_model` accepts) on `device` (default: the local accelerator, else
+    the CPU), reading only this rank's slices of a megaloom checkpoint.
 
     Returns (model, config, tokenizer path, topology)."""
-    from megaloom.train.checkpoint import load_model
+    from megaloom.train.checkpoint import open_weights
 
     init_distributed(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     topo = Topology.build(tp=world, pp=1, device=device)
-    model, config, tokenizer = load_model(spec, device="cpu")
-    tracker = seed_everything(0, topo) if model.config.dropout > 0 and world > 1 else None
+    config, tokenizer, source = open_weights(spec)
+    tracker = seed_everything(0, topo) if config.model.dropout > 0 and world > 1 else None
     try:
-        parallelize(model, topo, tracker=tracker)
+        model = build_shard(config.model, topo, source, tracker=tracker)
     except ValueError as exc:
         raise MegaloomError(f"cannot split {spec} over {world} tensor-parallel ranks: "
                             f"{exc}") from None

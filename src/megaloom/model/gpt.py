@@ -14,7 +14,6 @@ outside (`megaloom.parallel`), so this file stays a plain single-device model:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megaloom.config import ModelConfig
+from megaloom.model.init import initial_values
 
 
 @dataclass
@@ -180,26 +180,15 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ init
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2/Megatron init: N(0, 0.02) weights, residual projections scaled by
-        1/sqrt(2 * num_layers), zero biases, unit norm weights, zero padding-row embeddings."""
-        std = self.config.init_std
-        residual_std = std / math.sqrt(2.0 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_residual = name.endswith("attn.proj") or name.endswith("mlp.down")
-                if module.weight.device.type != "meta":
-                    module.weight.normal_(0.0, residual_std if is_residual else std,
-                                          generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                if module.weight is not None:
-                    module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-        if self.embed is not None and self.embed.weight.device.type != "meta":
-            self.embed.weight[self.config.vocab_size:].zero_()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-2/Megatron init (see `megaloom.model.init`), each parameter drawn from `seed`
+        and its name, so any layout can draw the same values slice by slice. Without a seed,
+        one is drawn from torch's global generator (`torch.manual_seed` makes it repeatable)."""
+        real = [(n, p) for n, p in self.named_parameters() if p.device.type != "meta"]
+        if real and seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        for name, param in real:
+            param.copy_(initial_values(name, param.shape, self.config, seed))
 
     # ------------------------------------------------------------------ forward
 

@@ -10,7 +10,6 @@ integration of the `Trainer`).
 from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.parallelize import (
     gather_full_state_dict,
-    load_full_state_dict,
     parallelize,
 )
 from megaloom.parallel.pipeline import forward_backward, forward_only
@@ -23,6 +22,5 @@ __all__ = [
     "forward_only",
     "gather_full_state_dict",
     "init_distributed",
-    "load_full_state_dict",
     "parallelize",
 ]

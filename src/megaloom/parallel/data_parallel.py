@@ -12,14 +12,15 @@
    shard, after the backward. The loss is already normalised by the global token count, so dp
    reduces by SUM.
 2. `clip_grad_norm(max_norm)`: the global L2 norm over all ranks, counting a tp-replicated
-   parameter once and a tied embedding once, with the same clipping rule as
-   `megaloom.train.precision.clip_grad_norm`. Every rank gets the same value, so an fp16
+   parameter once and a tied embedding once, scaling by max_norm / (norm + 1e-6) like
+   `torch.nn.utils.clip_grad_norm_`. Every rank gets the same value, so an fp16
    overflow (a non-finite norm) is agreed by all ranks.
 3. `step()`: AdamW on local parameters, or on the local shard followed by an all-gather of
    the updated parameters (ZeRO-1). Weight decay groups follow `train.optim.parameter_groups`.
 
-State dicts are converted to the plain single-process model's AdamW format
-so optimizer checkpoints are independent of the layout.
+Optimizer state is saved as boxes of the plain model's tensors (`write_state` / `read_state`,
+one `exp_avg/NAME` and `exp_avg_sq/NAME` per parameter), so every rank writes only what it
+holds, ZeRO shards included, and any layout reads it back.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaloom.config import ModelConfig, TrainConfig
-from megaloom.model.gpt import GPT
-from megaloom.parallel.parallelize import gather_full, local_slice
+from megaloom.checkpoint.shards import ShardWriter, TensorStore, flat_range_boxes, stored_name
+from megaloom.config import TrainConfig
+from megaloom.model.init import box_shape
+from megaloom.parallel.layers import shard_box
 from megaloom.parallel.topology import Axis, Topology
 from megaloom.train.optim import parameter_groups as plain_parameter_groups
 
@@ -256,91 +258,100 @@ class ParallelOptimizer:
 
     # ------------------------------------------------------------------ layout-free state
 
-    def _state_by_name(self) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor | None]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        by_key: dict[str, dict[str, torch.Tensor]] = {k: {} for k in STATE_KEYS}
-        step = None
-        owners = self.shards if self.distributed else [None]
-        for shard in owners:
-            sources = [shard.shard] if shard else self.params
-            for source in sources:
-                state = self.optimizer.state.get(source)
-                if not state:
-                    continue
-                step = state["step"]
-                for key in STATE_KEYS:
-                    values = shard.unflatten(state[key]) if shard else [state[key]]
-                    params = shard.params if shard else [source]
-                    for param, value in zip(params, values, strict=True):
-                        by_key[key][names[id(param)]] = value
-        return by_key, step
+    def adam_steps(self) -> int | None:
+        """AdamW's step count (the same for every tensor), None before the first step."""
+        for state in self.optimizer.state.values():
+            return int(state["step"].item())
+        return None
 
-    def state_dict(self, config: ModelConfig) -> dict | None:
-        """The plain single-process model's AdamW state dict, on global rank 0 (None
-        elsewhere). Every rank must call it."""
-        by_key, step = self._state_by_name()
-        has_state = torch.tensor([float(step is not None)], device=self.topo.device)
-        self.topo.world_axis.all_reduce(has_state, op=dist.ReduceOp.MIN)
-        full = {k: gather_full(v, self.model, self.topo) for k, v in by_key.items()}
-        if self.topo.rank != 0:
-            return None
-        order = plain_order(config, self.optimizer.param_groups)
-        state = {}
-        if has_state.item():
-            for index, name in enumerate(n for group in order for n in group):
-                state[index] = {"step": step.detach().cpu().clone(),
-                                **{k: full[k][name] for k in STATE_KEYS}}
-        groups, start = [], 0
-        for group, names in zip(self.optimizer.param_groups, order, strict=True):
-            groups.append({**{k: v for k, v in group.items() if k != "params"},
-                           "params": list(range(start, start + len(names)))})
-            start += len(names)
-        return {"state": state, "param_groups": groups}
+    def _pieces(self):
+        """(key suffix name, param, flat start, flat stop, state owner, offset in owner) of each
+        stretch of optimizer state this rank holds, with plain-model names."""
+        names = {id(p): stored_name(n, self.model.config)
+                 for n, p in self.model.named_parameters()}
+        if not self.distributed:
+            for param in self.params:
+                yield names[id(param)], param, 0, param.numel(), param, 0
+            return
+        for shard in self.shards:
+            offset = 0
+            for param, size in zip(shard.params, shard.sizes, strict=True):
+                lo = max(offset, shard.start)
+                hi = min(offset + size, shard.start + shard.length)
+                if lo < hi:
+                    yield (names[id(param)], param, lo - offset, hi - offset, shard.shard,
+                           lo - shard.start)
+                offset += size
 
-    def load_state_dict(self, full: dict, config: ModelConfig) -> None:
-        """Load a plain-model AdamW state dict (as `state_dict` writes) into this layout."""
-        order = plain_order(config, full["param_groups"])
-        flat_names = [n for group in order for n in group]
-        by_name = {name: full["state"].get(i) for i, name in enumerate(flat_names)}
-        tied = config.tie_embeddings
-        local: dict = {"state": {}, "param_groups": []}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        groups = self.shards if self.distributed else [None] * len(self.optimizer.param_groups)
+    def write_state(self, writer: ShardWriter) -> None:
+        """Add this rank's AdamW moments to `writer` as boxes of the plain model's tensors
+        (dp replicas and tp-replicated copies are written once, tied head copies never)."""
+        if self.adam_steps() is None:
+            return
+        topo = self.topo
+        for name, param, lo, hi, owner, at in self._pieces():
+            replicated = getattr(param, "tp_dim", None) is None
+            if (replicated and topo.tp_axis.rank) or (not self.distributed and topo.dp_axis.rank):
+                continue
+            if getattr(param, "norm_duplicate", False):  # the last stage's tied head copy
+                continue
+            full_shape, valid = shard_box(param, topo.tp_axis)
+            state = self.optimizer.state[owner]
+            for key in STATE_KEYS:
+                flat = state[key].reshape(-1)[at:at + hi - lo]
+                done = 0
+                for box in flat_range_boxes(tuple(param.shape), lo, hi):
+                    size = math.prod(box_shape(box))
+                    piece = flat[done:done + size].view(box_shape(box))
+                    done += size
+                    clipped = _to_global(box, piece, param, valid)
+                    if clipped is not None:
+                        writer.add(f"{key}/{name}", full_shape, *clipped)
+
+    @torch.no_grad()
+    def read_state(self, store: TensorStore, adam_steps: int | None) -> None:
+        """Load the AdamW moments of this rank's part from a checkpoint written under any
+        layout (`write_state`); `adam_steps` None means the checkpoint has none."""
+        self.refresh_shards()
+        if adam_steps is None:
+            self.optimizer.state.clear()
+            return
+        values: dict[int, dict[str, torch.Tensor]] = {}
+        for name, param, lo, hi, owner, at in self._pieces():
+            full_shape, valid = shard_box(param, self.topo.tp_axis)
+            if id(owner) not in values:
+                values[id(owner)] = {k: torch.zeros_like(owner) for k in STATE_KEYS}
+            for key in STATE_KEYS:
+                local = torch.zeros(param.shape, dtype=owner.dtype, device=owner.device)
+                part = store.read(f"{key}/{name}", valid)
+                local[tuple(slice(0, n) for n in part.shape)] = part
+                values[id(owner)][key].view(-1)[at:at + hi - lo] = local.view(-1)[lo:hi]
+        local_state: dict = {"state": {}, "param_groups": []}
         index = 0
-        for saved, inner, shard in zip(full["param_groups"], self.optimizer.param_groups,
-                                       groups, strict=True):
-            params = shard.params if shard else inner["params"]
-            per_param = []
-            for param in params:
-                name = names[id(param)]
-                name = "embed.weight" if tied and name == "lm_head.weight" else name
-                per_param.append(by_name[name])
-            ids = list(range(index, index + len(inner["params"])))
-            if all(s is not None for s in per_param):
-                slices = {k: [local_slice(s[k], p, self.topo.tp_axis)
-                              for s, p in zip(per_param, params, strict=True)]
-                          for k in STATE_KEYS}
-                step = per_param[0]["step"]
-                if shard:
-                    local["state"][index] = {"step": step.clone(), **{k: shard.local(v)
-                                                             for k, v in slices.items()}}
-                else:
-                    for offset in range(len(params)):
-                        local["state"][index + offset] = {
-                            "step": step.clone(), **{k: v[offset] for k, v in slices.items()}}
-            local["param_groups"].append({**saved, "params": ids})
-            index += len(ids)
-        self.optimizer.load_state_dict(local)
+        for group in self.optimizer.param_groups:
+            ids = []
+            for param in group["params"]:
+                local_state["state"][index] = {"step": torch.tensor(float(adam_steps)),
+                                               **values[id(param)]}
+                ids.append(index)
+                index += 1
+            local_state["param_groups"].append({**group, "params": ids})
+        self.optimizer.load_state_dict(local_state)
+
+
+def _to_global(box, piece: torch.Tensor, param: nn.Parameter, valid):
+    """A box of the local tensor -> (its box in the full tensor, the data), tp padding cut off;
+    None when the box lies in the padding."""
+    dim = getattr(param, "tp_dim", None)
+    if dim is None:
+        return box, piece
+    offset, stop = valid[dim][0], valid[dim][1]
+    lo, hi = box[dim][0] + offset, min(box[dim][1] + offset, stop)
+    if lo >= hi:
+        return None
+    piece = piece.narrow(dim, 0, hi - lo)
+    return tuple((lo, hi) if d == dim else b for d, b in enumerate(box)), piece
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def plain_order(config: ModelConfig, groups: list[dict]) -> list[list[str]]:
-    """Parameter names of the plain `GPT`, per AdamW group, in `train.optim` order."""
-    with torch.device("meta"):
-        plain = GPT(config)
-    names = {id(p): n for n, p in plain.named_parameters()}
-    decay = groups[0]["weight_decay"] if groups else 0.0
-    return [[names[id(p)] for p in g["params"]] for g in plain_parameter_groups(plain, decay)]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megaloom.model.init import Box
 from megaloom.parallel.mappings import (
     copy_to,
     gather_seq,
@@ -142,3 +143,18 @@ class ForkedDropout(nn.Dropout):
             return x
         with self.tracker.fork(self.stream):
             return super().forward(x)
+
+
+def shard_box(param: nn.Parameter, axis: Axis) -> tuple[tuple[int, ...], Box]:
+    """(full shape, box of the full tensor this rank's `param` holds), padding excluded; the
+    box starts at the local tensor's origin."""
+    dim = getattr(param, "tp_dim", None)
+    shape = tuple(param.shape)
+    if dim is None:
+        return shape, tuple((0, size) for size in shape)
+    local, full = shape[dim], param.tp_full
+    start = min(axis.rank * local, full)
+    full_shape = shape[:dim] + (full,) + shape[dim + 1:]
+    box = tuple((start, min(start + local, full)) if d == dim else (0, size)
+                for d, size in enumerate(shape))
+    return full_shape, box

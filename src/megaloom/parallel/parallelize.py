@@ -2,9 +2,8 @@
 
 `parallelize` keeps this rank's pipeline stage, swaps Linear/Embedding modules for their
 tensor-parallel versions (slicing the full, layout-independent initial weights), and wires
-sequence parallelism and the dropout RNG streams. `gather_full` / `load_full` convert between
-this rank's shards and full tensors named as in the plain model, which is what makes checkpoints
-independent of the layout.
+sequence parallelism and the dropout RNG streams. `gather_full` rebuilds full tensors named as in
+the plain model (tests compare them with the single-process model; checkpoints never gather).
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaloom.config import ModelConfig
+from megaloom.layout_rules import LayoutSpec, layout_problems
 from megaloom.model.gpt import GPT
 from megaloom.parallel.layers import (
     ColumnParallelLinear,
@@ -20,32 +21,24 @@ from megaloom.parallel.layers import (
     RowParallelLinear,
     SequenceShardedEmbedding,
     VocabParallelEmbedding,
-    shard_tensor,
 )
 from megaloom.parallel.pipeline import split_stage
 from megaloom.parallel.random import TP_STREAM, RNGTracker
 from megaloom.parallel.topology import Axis, Topology
 
 
-def check_layout(model: GPT, topo: Topology, sequence_parallel: bool, vpp: int = 1) -> None:
-    """Reject a layout the model cannot be split into, naming the config key."""
-    cfg, tp = model.config, topo.tp
-    problems = {
-        "model.num_kv_heads": cfg.num_kv_heads % tp,
-        "model.ffn_hidden_size": cfg.ffn_hidden_size % tp,
-        "model.seq_len": cfg.seq_len % tp if sequence_parallel else 0,
-    }
-    for key, remainder in problems.items():
-        if remainder:
-            raise ValueError(f"{key}={getattr(cfg, key.split('.')[1])} is not divisible by "
-                             f"parallel.tp={tp}")
-    if cfg.dropout > 0 and tp > 1 and getattr(model, "activation_checkpointing", False):
-        raise ValueError("train.activation_checkpointing with model.dropout > 0 and "
-                         "parallel.tp > 1 is not supported (recomputed dropout would draw "
-                         "other masks from the tensor-parallel RNG stream)")
-    if cfg.num_layers < topo.pp * vpp:
-        raise ValueError(f"model.num_layers={cfg.num_layers} is smaller than parallel.pp x "
-                         f"parallel.vpp = {topo.pp} x {vpp}")
+def check_layout(config: ModelConfig, topo: Topology, sequence_parallel: bool, vpp: int = 1,
+                 activation_checkpointing: bool = False, micro_batch: int | None = None,
+                 global_batch: int | None = None) -> None:
+    """Reject a layout the model cannot be split into (`megaloom.layout_rules`), naming the
+    config key."""
+    spec = LayoutSpec(tp=topo.tp, pp=topo.pp, vpp=vpp, dp=topo.dp,
+                      sequence_parallel=sequence_parallel, micro_batch=micro_batch,
+                      global_batch=global_batch,
+                      activation_checkpointing=activation_checkpointing)
+    problems = layout_problems(config, spec)
+    if problems:
+        raise ValueError(problems[0][1])
 
 
 def parallelize(
@@ -55,13 +48,15 @@ def parallelize(
     tracker: RNGTracker | None = None,
     vpp: int = 1,
 ) -> GPT:
-    """Shard `model` in place for this rank and move it to `topo.device`; returns it.
+    """Shard `model` in place for this rank and move it to `topo.device` (a `meta` model stays
+    on meta, for `build.materialize`); returns it.
 
     `tracker` (from `random.seed_everything`) supplies the per-tp-rank dropout stream; it is
     only needed when the model has dropout and tp > 1. `vpp` > 1 keeps `vpp` interleaved
     layer chunks per rank (see `pipeline_interleaved`).
     """
-    check_layout(model, topo, sequence_parallel, vpp)
+    check_layout(model.config, topo, sequence_parallel, vpp,
+                 getattr(model, "activation_checkpointing", False))
     cfg, axis = model.config, topo.tp_axis
     sp = sequence_parallel and topo.tp > 1
     tied = cfg.tie_embeddings
@@ -95,11 +90,12 @@ def parallelize(
             model.lm_head.weight = model.embed.weight
         else:
             model.lm_head.weight.embedding = tied  # the last stage's copy of a tied embedding
-    if tied and topo.pp > 1:
+    if tied and topo.pp > 1 and (model.embed is not None or model.lm_head is not None):
         stage_copy = model.embed.weight if model.embed is not None else model.lm_head.weight
         stage_copy.tied_embedding = True
         stage_copy.norm_duplicate = model.embed is None
-    return model.to(topo.device)
+    on_meta = next(model.parameters()).device.type == "meta"
+    return model if on_meta else model.to(topo.device)
 
 
 def _need(tracker: RNGTracker | None) -> RNGTracker:
@@ -168,17 +164,3 @@ def gather_full(
 def gather_full_state_dict(model: nn.Module, topo: Topology) -> dict[str, torch.Tensor] | None:
     """The plain `GPT` state dict on global rank 0 (None elsewhere)."""
     return gather_full(named_parameters(model), model, topo)
-
-
-def local_slice(full: torch.Tensor, param: nn.Parameter, axis: Axis) -> torch.Tensor:
-    dim = getattr(param, "tp_dim", None)
-    return full if dim is None else shard_tensor(full, axis, dim)
-
-
-@torch.no_grad()
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], topo: Topology) -> None:
-    """Copy this rank's slices of a plain `GPT` state dict into the parallelized `model`."""
-    for name, param in named_parameters(model).items():
-        if name not in full:
-            raise KeyError(f"checkpoint has no tensor {name!r}")
-        param.copy_(local_slice(full[name], param, topo.tp_axis))

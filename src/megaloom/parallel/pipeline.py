@@ -17,23 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megaloom.layout_rules import rank_layers
 from megaloom.parallel.topology import Topology
 
 
-def stage_layers(num_layers: int, pp: int, stage: int) -> range:
-    """Layers of `stage`: contiguous, balanced, earlier stages taking the remainder."""
-    if num_layers < pp:
-        raise ValueError(f"model.num_layers={num_layers} is smaller than parallel.pp={pp}")
-    base, extra = divmod(num_layers, pp)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
-
-
 def chunk_layers(num_layers: int, topo: Topology, vpp: int = 1) -> list[range]:
-    """This rank's layer blocks: with `vpp` virtual stages, chunk `c` of rank `r` is block
-    `c * pp + r` of `pp * vpp` (interleaved assignment); with vpp=1, its one stage."""
-    return [stage_layers(num_layers, topo.pp * vpp, c * topo.pp + topo.pp_axis.rank)
-            for c in range(vpp)]
+    """This rank's layer blocks (`megaloom.layout_rules.rank_layers`)."""
+    return rank_layers(num_layers, topo.pp, vpp, topo.pp_axis.rank)
 
 
 def split_stage(model: nn.Module, topo: Topology, vpp: int = 1) -> None:

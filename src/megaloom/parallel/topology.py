@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -113,10 +114,17 @@ class Topology:
         return {"tp": self.tp_axis, "pp": self.pp_axis, "dp": self.dp_axis}
 
     @classmethod
-    def build(cls, tp: int = 1, pp: int = 1, device: torch.device | str | None = None) -> Topology:
-        """Build the layout over the default process group (or a single process when none)."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        rank = dist.get_rank() if dist.is_initialized() else 0
+    def build(cls, tp: int = 1, pp: int = 1, device: torch.device | str | None = None, *,
+              virtual: tuple[int, int] | None = None) -> Topology:
+        """Build the layout over the default process group (or a single process when none).
+
+        `virtual=(world_size, rank)` describes that rank of a layout without any process group
+        (its collectives must not be called): for counting a rank's shapes on `meta`."""
+        if virtual is not None:
+            world, rank = virtual
+        else:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
         if tp < 1 or pp < 1 or world % (tp * pp):
             raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
         dp = world // (tp * pp)
@@ -138,17 +146,18 @@ class Topology:
             "embed": [sorted({rank_of(t, d, 0), rank_of(t, d, pp - 1)})
                       for d in range(dp) for t in range(tp)],
         }
-        axes = {name: _make_axis(name, groups, rank) for name, groups in families.items()}
+        axes = {name: _make_axis(name, groups, rank, virtual is None)
+                for name, groups in families.items()}
         return cls(tp=tp, pp=pp, dp=dp, rank=rank, device=device, tp_axis=axes["tp"],
                    pp_axis=axes["pp"], dp_axis=axes["dp"], mp_axis=axes["mp"],
                    world_axis=axes["world"], embed_axis=axes["embed"])
 
 
-def _make_axis(name: str, groups: list[list[int]], rank: int) -> Axis:
+def _make_axis(name: str, groups: list[list[int]], rank: int, create: bool = True) -> Axis:
     """Create every group of a family (all ranks must create all groups, in the same order)."""
-    mine = next(ranks for ranks in groups if rank in ranks)
+    mine = next((ranks for ranks in groups if rank in ranks), [rank])  # middle stages: no embed
     handle = None
-    if len(mine) > 1:
+    if create and len(mine) > 1:
         for ranks in groups:
             group = dist.new_group(ranks)
             if rank in ranks:
@@ -164,10 +173,13 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device | None = None) -> None:
+def init_distributed(device: torch.device | None = None,
+                     timeout: timedelta | None = None) -> None:
     """Join the torchrun job described by the environment (no-op for a single process).
 
     The backend follows the device: gloo on CPU, NCCL on CUDA (torch's default per device).
+    `timeout` bounds every collective: a rank that waits longer for a peer (one that died or
+    hangs) fails with an error instead of hanging (`parallel.timeout_s`).
     """
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
@@ -175,4 +187,4 @@ def init_distributed(device: torch.device | None = None) -> None:
     backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index or 0)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=timeout)

@@ -159,7 +159,7 @@ def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | N
         rate = mfu * peak
     if tokens is not None and tokens <= 0:
         raise PlanError(f"--tokens must be > 0, got {tokens}")
-    stages = stage_parameters(model, layout.pp)
+    stages = stage_parameters(model, layout.pp, layout.vpp)
     ends = [stages[0]] if layout.pp == 1 else [stages[0], stages[-1]]
     if rate > peak:
         raise PlanError(f"--tflops {rate / TERA:g} exceeds {gpu.name}'s {layout.precision} "

@@ -2,13 +2,12 @@
 
 Owns `Layout`, `PlanError` and the rules a layout must satisfy against a model:
 
-- tp stays within a node and divides the query heads, the kv heads and the MLP width (each
-  tensor-parallel rank holds whole kv groups, as `megaloom.model.gpt` lays out `qkv`);
-- pp x vpp divides the number of layers: stages are even (Megatron's default rule; no uneven
-  first/last stages);
-- the GPU count is a multiple of tp x pp; data parallelism takes the rest;
-- the global batch is a multiple of micro-batch x dp; with interleaving (vpp > 1) the number of
-  micro-batches per pipeline is a multiple of pp (Megatron's interleaved-schedule rule).
+- the planner's own inputs: sizes >= 1, precision and gradient dtype, tp within a node, the
+  GPU count a multiple of tp x pp (data parallelism takes the rest);
+- everything the runtime also checks comes from `megaloom.layout_rules`, the one owner of
+  layout rules: tp divides the heads, kv heads and MLP width, pp x vpp at most the layers
+  (uneven stages split as the runtime splits them), the global batch a multiple of
+  micro-batch x dp, and the interleaved schedule's micro-batch rule.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Literal
 
 from megaloom.config import ModelConfig
 from megaloom.errors import MegaloomError
+from megaloom.layout_rules import LayoutSpec, layout_problems
 
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
@@ -68,22 +68,13 @@ class Layout:
                "--grad-dtype bf16 needs 16-bit training (--precision bf16 or fp16)")
         _check(self.tp <= gpus_per_node,
                f"--tp {self.tp} spans more than one node (--gpus-per-node {gpus_per_node})")
-        for what, size in (("model.num_heads", model.num_heads),
-                           ("model.num_kv_heads", model.num_kv_heads),
-                           ("model.ffn_hidden_size", model.ffn_hidden_size)):
-            _check(size % self.tp == 0, f"--tp {self.tp} does not divide {what}={size}")
         _check(self.gpus % (self.tp * self.pp) == 0,
                f"--gpus {self.gpus} is not divisible by tp x pp = {self.tp} x {self.pp}")
-        _check(self.vpp == 1 or self.pp > 1, "--vpp > 1 (interleaving) needs --pp > 1")
-        _check(model.num_layers % (self.pp * self.vpp) == 0,
-               f"model.num_layers={model.num_layers} is not divisible by pp x vpp = "
-               f"{self.pp} x {self.vpp} (stages must be even)")
-        _check(self.global_batch % (self.micro_batch * self.dp) == 0,
-               f"--global-batch {self.global_batch} is not divisible by micro-batch x dp = "
-               f"{self.micro_batch} x {self.dp}")
-        _check(self.vpp == 1 or self.num_micro_batches % self.pp == 0,
-               f"interleaving needs the micro-batches per pipeline ({self.num_micro_batches}) "
-               f"to be a multiple of pp={self.pp}")
+        spec = LayoutSpec(tp=self.tp, pp=self.pp, vpp=self.vpp, dp=self.dp,
+                          sequence_parallel=self.sequence_parallel,
+                          micro_batch=self.micro_batch, global_batch=self.global_batch)
+        for _key, message in layout_problems(model, spec)[:1]:
+            raise PlanError(message)
         return self
 
 

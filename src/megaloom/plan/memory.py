@@ -108,10 +108,14 @@ def output_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, 
     return hidden + 4 * sb * model.padded_vocab_size / tp
 
 
-def model_state_bytes_per_param(precision: str, grad_dtype: str) -> dict[str, int]:
-    """Bytes per parameter of weights, gradients and (unsharded) optimizer state."""
+def model_state_bytes_per_param(precision: str, grad_dtype: str,
+                                distributed_optimizer: bool = False) -> dict[str, int]:
+    """Bytes per parameter of weights, gradients and optimizer state (before dp sharding).
+
+    fp32 is megaloom's own path: the Adam moments (8), and with the distributed optimizer also
+    the fp32 copy of the rank's flat shard and its reduced gradient (8 more, then / dp)."""
     if precision == "fp32":
-        return {"weights": 4, "gradients": 4, "optimizer": 8}
+        return {"weights": 4, "gradients": 4, "optimizer": 16 if distributed_optimizer else 8}
     return {"weights": BYTES_PER_PARAM[precision], "gradients": BYTES_PER_PARAM[grad_dtype],
             "optimizer": 12}
 
@@ -143,7 +147,8 @@ def stage_memory(model: ModelConfig, layout: Layout, stage: StageParams,
                  allowance_bytes: float) -> StageMemory:
     """Peak bytes on one GPU of `stage` (model state, activations, fixed allowance)."""
     params = parameters_per_gpu(model, stage, layout.tp)
-    state = model_state_bytes_per_param(layout.precision, layout.grad_dtype)
+    state = model_state_bytes_per_param(layout.precision, layout.grad_dtype,
+                                        layout.distributed_optimizer)
     optimizer_shards = layout.dp if layout.distributed_optimizer else 1
     args = (model, model.seq_len, layout.micro_batch, layout.tp, layout.sequence_parallel)
     layers = inflight_layers(model.num_layers, layout.pp, layout.vpp,

@@ -12,12 +12,12 @@ Closed forms that mirror `megaloom.model.gpt.GPT` term by term (the tests hold t
 For the GPT-2 flavour this is 12 l h^2 (1 + 13/(12h) + (V+s)/(12 l h)) plus the final norm's 2h
 (`gpt2_closed_form` is the paper's expression, without the final norm).
 
-Pipeline stages: layers split evenly; the first stage holds the embeddings, the last the
-final norm and the head. With tied embeddings and pp > 1 the last stage stores its own copy
-of the word embedding for the head, as Megatron does, so the stages sum to the model count
-plus that copy. Tensor parallelism splits the Linear weights (and the column-parallel biases)
-and the vocabulary; norms, position embeddings and the row-parallel biases (`proj`, `down`)
-are replicated on every tensor-parallel rank.
+Pipeline stages: layers split as the runtime splits them; the first stage holds the
+embeddings, the last the final norm and the head. With tied embeddings and pp > 1 the last
+stage stores its own copy of the word embedding for the head, as Megatron does, so the
+stages sum to the model count plus that copy. Tensor parallelism splits the Linear weights
+(and the column-parallel biases) and the vocabulary; norms, position embeddings and the row-
+parallel biases (`proj`, `down`) are replicated on every tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from megaloom.config import ModelConfig
+from megaloom.layout_rules import rank_layers
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,13 @@ def gpt2_closed_form(num_layers: int, hidden: int, vocab: int, seq_len: int) -> 
     return 12 * num_layers * hidden**2 + 13 * num_layers * hidden + (vocab + seq_len) * hidden
 
 
-def stage_parameters(model: ModelConfig, pp: int) -> list[StageParams]:
-    """Per pipeline stage; layers split evenly (pp must divide num_layers, see `Layout`)."""
-    per_stage = model.num_layers // pp
+def stage_parameters(model: ModelConfig, pp: int, vpp: int = 1) -> list[StageParams]:
+    """Per pipeline rank, with the runtime's split of layers (`layout_rules.rank_layers`:
+    balanced blocks, earlier ones taking the remainder; `vpp` interleaved chunks each)."""
     layer = layer_parameters(model).total
     stages = []
     for stage in range(pp):
+        per_stage = sum(len(block) for block in rank_layers(model.num_layers, pp, vpp, stage))
         first, last = stage == 0, stage == pp - 1
         embedding = (word_embedding_parameters(model) + position_embedding_parameters(model)
                      if first else 0)

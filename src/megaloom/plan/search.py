@@ -1,7 +1,8 @@
 """`--search`: every (tp, pp, dp, micro-batch, recompute) layout that fits, fastest first.
 
 Enumeration rules: tp divides the GPUs of a node (tp never spans nodes) and the heads,
-kv heads and MLP width; pp divides the number of layers (even stages); dp = GPUs / (tp pp);
+kv heads and MLP width; pp divides the number of layers (the search proposes balanced stages;
+uneven ones are valid, see `megaloom.layout_rules`); dp = GPUs / (tp pp);
 the micro-batch is a power of two dividing global batch / dp; recompute is none, selective
 or full. Sequence parallelism is switched on whenever tp > 1 (it only saves memory);
 precision, gradient dtype, distributed optimizer and vpp come from the base layout (a vpp

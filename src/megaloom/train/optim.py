@@ -1,11 +1,11 @@
-"""AdamW with Megatron's parameter groups: no weight decay on biases, norms and embeddings."""
+"""Megatron's AdamW parameter groups: no weight decay on biases, norms and embeddings.
+
+The trainer's AdamW itself is `megaloom.parallel.data_parallel.ParallelOptimizer` (PyTorch's
+fused kernel over these groups, on one process or any layout)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-
-from megaloom.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -26,15 +26,3 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """PyTorch's fused AdamW kernel (CPU and CUDA): one pass over all parameters per step,
-    far faster than the per-tensor loop PyTorch picks by default on CPU."""
-    return torch.optim.AdamW(
-        parameter_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        fused=True,
-    )

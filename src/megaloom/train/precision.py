@@ -8,7 +8,6 @@ distributed ranks can agree on before anyone steps, and its state must checkpoin
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
@@ -25,7 +24,8 @@ def autocast_context(precision: str, device: torch.device):
 class DynamicLossScaler:
     """Scale the loss up to keep fp16 gradients representable; back off on overflow.
 
-    A step overflows when the global gradient norm is not finite (see `clip_grad_norm`).
+    A step overflows when the global gradient norm is not finite
+    (`ParallelOptimizer.clip_grad_norm`).
     Overflowing steps are skipped: the scale halves (after `hysteresis` consecutive overflows)
     and grows x2 after `growth_interval` clean steps.
     """
@@ -68,17 +68,3 @@ class DynamicLossScaler:
         self.scale = float(state["scale"])
         self.clean_steps = int(state["clean_steps"])
         self.overflows_left = int(state["overflows_left"])
-
-
-def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip in place to `max_norm` (0 disables clipping); return the pre-clip global L2 norm."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-    ).item()
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coeff = max_norm / (norm + 1e-6)
-        torch._foreach_mul_(grads, coeff)
-    return norm

@@ -1,17 +1,23 @@
-"""Set up a training run from a `Config`: data (or the embedded default corpus), tokenizer,
-model (fresh or `model.init_from`), resume, then hand over to the `Trainer`."""
+"""Set up a training run from a `Config` on this rank: join the torchrun job, data (or the
+embedded default corpus), tokenizer, model shard (fresh or `model.init_from`), resume, then
+hand over to the `Trainer`."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from megaloom.config import Config
+from megaloom.config import Config, ConfigError
 from megaloom.errors import MegaloomError
-from megaloom.model.gpt import GPT
+from megaloom.parallel.build import TensorSource
+from megaloom.parallel.topology import Topology, init_distributed
+from megaloom.plan.params import count_parameters
 from megaloom.train import checkpoint as ckpt
 from megaloom.train.trainer import Trainer
 from megaloom.utils.device import resolve_device
@@ -40,13 +46,13 @@ def resolve_data(config: Config) -> int:
     return Tokenizer.from_file(data.tokenizer).vocab_size
 
 
-def initial_model(config: Config) -> GPT:
-    """A seeded fresh model, or the weights named by `model.init_from`."""
+def init_source(config: Config) -> TensorSource | None:
+    """The weights `model.init_from` names, as a `TensorSource` each rank reads its boxes from
+    (None: fresh weights); `config.model` becomes that checkpoint's shape."""
     source = config.model.init_from
     if source is None:
-        torch.manual_seed(config.train.seed)
-        return GPT(config.model)
-    model, loaded, tokenizer = ckpt.load_model(source)
+        return None
+    loaded, tokenizer, reader = ckpt.open_weights(source)
     dropout = config.model.dropout
     defaults = type(config.model)(arch=config.model.arch)
     ignored = [f"{f.name}={getattr(config.model, f.name)!r}"
@@ -63,9 +69,7 @@ def initial_model(config: Config) -> GPT:
     if not config.data.prefixes:
         raise MegaloomError("model.init_from needs data.prefixes preprocessed with that "
                             "model's tokenizer")
-    fresh = GPT(config.model)
-    fresh.load_state_dict(model.state_dict())
-    return fresh
+    return reader
 
 
 def sample_counts(config: Config) -> tuple[int, int, int]:
@@ -76,34 +80,71 @@ def sample_counts(config: Config) -> tuple[int, int, int]:
     return train.max_steps * train.global_batch_size, eval_samples, 0
 
 
-def build_trainer(config: Config, resume: bool = True) -> Trainer:
-    """Everything up to the first step; resumes from `train.out_dir` when it has a checkpoint."""
+def prepare_run(config: Config) -> tuple[TensorSource | None, object, object]:
+    """Data (index caches built on first use), tokenizer and `model.init_from`: returns
+    (weights source or None, train dataset, valid dataset)."""
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
-    out_dir = Path(config.train.out_dir)
     if config.model.init_from is None:
         config.model.vocab_size = resolve_data(config)
-        model = initial_model(config)
+        source = None
     else:
-        model = initial_model(config)  # may name the tokenizer resolve_data needs
+        source = init_source(config)  # may name the tokenizer resolve_data needs
         vocab_size = resolve_data(config)
         if vocab_size > config.model.vocab_size:
             raise MegaloomError(
                 f"the tokenizer {config.data.tokenizer} has {vocab_size} tokens but the "
                 f"model.init_from model only {config.model.vocab_size}")
+    config.validate()
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )
+    return source, train_ds, valid_ds
+
+
+def join_job(config: Config) -> Topology:
+    """Join the torchrun job (if any) and build the layout's topology."""
     device = resolve_device(config.train.device)
-    trainer = Trainer(config, model, train_ds, valid_ds, config.data.tokenizer, device)
+    if device.type != "cpu":
+        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed(device, timedelta(seconds=config.parallel.timeout_s))
+    try:
+        topo = Topology.build(config.parallel.tp, config.parallel.pp, device)
+    except ValueError as exc:
+        raise ConfigError(f"parallel.tp/parallel.pp: {exc} (start more processes with "
+                          "`megaloom train --nproc N` or torchrun --nproc-per-node N)") from exc
+    if topo.rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return topo
+
+
+def build_trainer(config: Config, resume: bool = True) -> Trainer:
+    """Everything up to the first step, on this rank: join the job, prepare data (rank 0
+    first, then the first process of every other node, then the rest, so caches are built
+    once per file system), build this rank's shard, and resume from `train.out_dir`'s newest
+    checkpoint when there is one."""
+    topo = join_job(config)
+    turn = 0 if topo.rank == 0 else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
+    prepared = None
+    for stage in range(3):
+        if stage == turn:
+            prepared = prepare_run(config)
+        if topo.world_size > 1:
+            dist.barrier()
+    source, train_ds, valid_ds = prepared
+    trainer = Trainer.create(config, train_ds, valid_ds, config.data.tokenizer, topo, source)
+    out_dir = Path(config.train.out_dir)
     latest = ckpt.find_latest(out_dir) if out_dir.exists() else None
     if latest is not None:
         if not resume:
             raise MegaloomError(f"{out_dir} already holds checkpoints (latest {latest.name}); "
                                 "resume, or choose another train.out_dir")
         trainer.resume(latest)
-    config.save(out_dir / "config.yaml")
-    log.info("model: %s flavour, %.2fM parameters; %d tokens/step; device %s",
-             config.model.arch, model.num_parameters() / 1e6,
-             config.train.global_batch_size * config.model.seq_len, device)
+    if topo.rank == 0:
+        config.save(out_dir / "config.yaml")
+    log.info("model: %s flavour, %.2fM parameters; %d tokens/step; device %s; layout tp=%d "
+             "pp=%d dp=%d%s%s", config.model.arch, count_parameters(config.model) / 1e6,
+             config.train.global_batch_size * config.model.seq_len, topo.device, topo.tp,
+             topo.pp, topo.dp, " sequence-parallel" if trainer.sequence_parallel else "",
+             " distributed-optimizer" if config.parallel.distributed_optimizer else "")
     return trainer

@@ -1,5 +1,13 @@
-"""The training loop on one process: batches, forward/backward, optimizer step, validation,
-metrics, checkpoints and clean interruption.
+"""The training loop, for one process and every parallel layout alike: batches,
+forward/backward, optimizer step, validation, metrics, sharded checkpoints, clean interruption.
+
+A `Trainer` is composed of this rank's model shard (`parallel.build`), a `Topology` (a single
+process is the 1 x 1 x 1 layout, no process group needed) and a `ParallelOptimizer`; the
+pipeline schedule runs the forward/backward (one stage: forward then backward per
+micro-batch). Each dp rank takes a contiguous 1/dp of every global batch; validation
+micro-batches are dealt round-robin over dp; losses are sums over all ranks divided by global
+token counts. Only rank 0 writes metrics, plots and logs; every rank writes its own checkpoint
+shard, and `resume` reads back the boxes this rank owns from a checkpoint of any layout.
 
 Data order is a pure function of the step (global batch `s` holds samples `s*G .. (s+1)*G-1`),
 the LR a pure function of the step, and RNG/optimizer/loss-scaler state is checkpointed, so a
@@ -16,20 +24,42 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from megaloom.config import Config
+from megaloom.checkpoint.shards import ShardWriter
+from megaloom.config import Config, ConfigError
 from megaloom.errors import CheckpointError
-from megaloom.model.gpt import GPT, lm_loss
+from megaloom.model.gpt import GPT
+from megaloom.parallel.build import (
+    InitSource,
+    TensorSource,
+    build_shard,
+    load_weights,
+    write_weights,
+)
+from megaloom.parallel.data_parallel import ParallelOptimizer
+from megaloom.parallel.loss import parallel_lm_loss
+from megaloom.parallel.parallelize import check_layout
+from megaloom.parallel.pipeline import forward_backward, forward_only
+from megaloom.parallel.pipeline_interleaved import (
+    check_backend,
+    interleaved_forward_backward,
+    interleaved_forward_only,
+)
+from megaloom.parallel.random import seed_everything
+from megaloom.parallel.topology import Topology
 from megaloom.train import checkpoint as ckpt
+from megaloom.train.checkpoint import restore_rng_state
 from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
-from megaloom.train.optim import build_optimizer
-from megaloom.train.precision import DynamicLossScaler, autocast_context, clip_grad_norm
+from megaloom.train.precision import DynamicLossScaler, autocast_context
 from megaloom.train.schedule import learning_rate
+from megaloom.utils.device import resolve_device
 from megaloom.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,65 +89,76 @@ class TrainResult:
     interrupted: bool
 
 
-def forward_backward(
-    model: GPT,
-    micro_batches: Sequence[MicroBatch],
-    loss_denominator: float,
-    precision: str,
-    loss_scale: float = 1.0,
-) -> float:
-    """Accumulate gradients over micro-batches; return the mean loss per counted token.
-
-    Each micro-batch's summed token loss is divided by the token count of the whole global
-    batch (`loss_denominator`), so accumulation gives exactly the full-batch gradient.
-    """
-    device = micro_batches[0].inputs.device
-    vocab = model.config.vocab_size
-    total = torch.zeros((), device=device)
-    for mb in micro_batches:
-        with autocast_context(precision, device):
-            logits = model(mb.inputs)
-        loss_sum = lm_loss(logits, mb.targets, vocab, mb.loss_mask, reduction="sum")
-        (loss_sum * (loss_scale / loss_denominator)).backward()
-        total += loss_sum.detach()
-    return total.item() / loss_denominator
-
-
 class Trainer:
-    """Train `model` on `train_data` as `config.train` says, writing into `config.train.out_dir`.
-
-    Datasets are indexable sequences of int64 arrays of `seq_len + 1` tokens.
-    """
+    """Train this rank's `model` shard on `train_data` as `config.train` says, writing into
+    `config.train.out_dir`. Datasets are indexable sequences of int64 arrays of `seq_len + 1`
+    tokens. Build one with `create` (or `megaloom.train.run.build_trainer`)."""
 
     def __init__(
         self,
         config: Config,
+        topo: Topology,
         model: GPT,
+        optimizer: ParallelOptimizer,
         train_data: Sequence[np.ndarray],
         valid_data: Sequence[np.ndarray] | None,
         tokenizer_path: str | Path | None,
-        device: torch.device,
     ):
         self.config = config
         self.cfg = config.train
-        self.model = model.to(device)
+        self.topo = topo
+        self.device = topo.device
+        self.model = model
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
+        self.optimizer = optimizer
+        self.params = optimizer.params
         self.train_data = train_data
         self.valid_data = valid_data
         self.tokenizer_path = tokenizer_path
-        self.device = device
         self.out_dir = Path(self.cfg.out_dir)
-        self.optimizer = build_optimizer(self.model, self.cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sequence_parallel = config.parallel.sequence_parallel and topo.tp > 1
+        self.vpp = config.parallel.vpp
         self.scaler = (
             DynamicLossScaler(self.cfg.initial_loss_scale, self.cfg.loss_scale_window)
             if self.cfg.precision == "fp16"
             else None
         )
-        self.accumulation = self.cfg.global_batch_size // self.cfg.micro_batch_size
+        self.accumulation = self.cfg.global_batch_size // (self.cfg.micro_batch_size * topo.dp)
         self.step = 0
         self.skipped_steps = 0
         self._stop_signal: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: Config,
+        train_data: Sequence[np.ndarray],
+        valid_data: Sequence[np.ndarray] | None,
+        tokenizer_path: str | Path | None = None,
+        topo: Topology | None = None,
+        source: TensorSource | None = None,
+    ) -> Trainer:
+        """This rank's trainer for `config.parallel` on `topo` (default: the process group
+        or a single process): the layout is checked, the shard built from `source` (default:
+        the fresh initialisation for `train.seed`) and its optimizer made."""
+        topo = topo or Topology.build(config.parallel.tp, config.parallel.pp,
+                                      resolve_device(config.train.device))
+        try:
+            check_layout(config.model, topo, config.parallel.sequence_parallel,
+                         config.parallel.vpp, config.train.activation_checkpointing,
+                         config.train.micro_batch_size, config.train.global_batch_size)
+            if config.parallel.vpp > 1:
+                check_backend(topo)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        sp = config.parallel.sequence_parallel and topo.tp > 1
+        tracker = seed_everything(config.train.seed, topo)
+        model = build_shard(config.model, topo, source or InitSource(config.model,
+                                                                     config.train.seed),
+                            sp, tracker, config.parallel.vpp)
+        optimizer = ParallelOptimizer(model, topo, config.train,
+                                      config.parallel.distributed_optimizer)
+        return cls(config, topo, model, optimizer, train_data, valid_data, tokenizer_path)
 
     # ------------------------------------------------------------------ state
 
@@ -126,35 +167,51 @@ class Trainer:
             "consumed_samples": self.step * self.cfg.global_batch_size,
             "skipped_steps": self.skipped_steps,
             "loss_scaler": self.scaler.state_dict() if self.scaler else None,
+            "adam_steps": self.optimizer.adam_steps(),
+            "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
+                       "vpp": self.vpp,
+                       "distributed_optimizer": self.optimizer.distributed},
         }
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.out_dir, self.step, self.model, self.config, self.tokenizer_path,
-            self.optimizer, self.trainer_state(), self.cfg.keep_last,
-        )
+        """Every rank writes its own shard of weights and optimizer state (collective)."""
+
+        def add_chunks(writer: ShardWriter) -> None:
+            write_weights(writer, self.model, self.topo)
+            self.optimizer.write_state(writer)
+
+        path = ckpt.save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
+                                    self.tokenizer_path, self.trainer_state(),
+                                    self.cfg.keep_last)
         log.info("saved checkpoint %s", path)
         return path
 
     def resume(self, path: str | Path) -> None:
-        """Restore the full training state and drop metrics logged after that checkpoint."""
-        directory = ckpt.resolve_checkpoint(path)
-        saved = ckpt.load_config_file(directory).model
+        """Restore the full training state from a checkpoint written under any layout (or an
+        earlier single-file checkpoint), reading only this rank's boxes; drop metrics logged
+        after that checkpoint."""
+        checkpoint = ckpt.open_checkpoint(path)
+        saved = checkpoint.config.model
         if saved != self.config.model:
             current = self.config.model
             diffs = [k for k in saved.__dict__ if getattr(saved, k) != getattr(current, k)]
             raise CheckpointError(
-                f"{directory} was trained with a different model config "
+                f"{checkpoint.directory} was trained with a different model config "
                 f"(differs in: {', '.join('model.' + k for k in diffs)})"
             )
-        state = ckpt.load_checkpoint(directory, self.model, self.optimizer)
+        state = checkpoint.state
+        load_weights(self.model, self.topo, checkpoint)
+        self.optimizer.read_state(checkpoint.store, state.get("adam_steps"))
+        rng = checkpoint.rng_state()
+        if rng is not None:
+            restore_rng_state(rng)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
         if self.is_main:
             self._truncate_metrics(self.step)
-        log.info("resumed from %s at step %d", directory, self.step)
+        log.info("resumed from %s at step %d", checkpoint.directory, self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -165,34 +222,63 @@ class Trainer:
     # ------------------------------------------------------------------ batches
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
-        start = step * self.cfg.global_batch_size
-        mbs = self.cfg.micro_batch_size
-        return [
-            MicroBatch.from_samples(
-                [self.train_data[start + j * mbs + k] for k in range(mbs)], self.device
-            )
-            for j in range(self.accumulation)
-        ]
+        """This dp rank's contiguous share of global batch `step`."""
+        cfg, mbs = self.cfg, self.cfg.micro_batch_size
+        start = step * cfg.global_batch_size + self.topo.dp_axis.rank * self.accumulation * mbs
+        return [MicroBatch.from_samples([self.train_data[start + j * mbs + k]
+                                         for k in range(mbs)], self.device)
+                for j in range(self.accumulation)]
+
+    def _as_dicts(self, batches: list[MicroBatch]) -> list[dict[str, torch.Tensor]]:
+        return [{"tokens": mb.inputs, "targets": mb.targets, "loss_mask": mb.loss_mask}
+                for mb in batches]
+
+    def _loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parallel_lm_loss(logits, batch["targets"], self.topo.tp_axis,
+                                self.config.model.vocab_size, batch["loss_mask"])
+
+    def _global_sum(self, *values: float | torch.Tensor) -> list[float]:
+        """Sum over dp replicas and pipeline stages (values live on the last stage)."""
+        totals = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                              device=self.device)
+        self.topo.pp_axis.all_reduce(self.topo.dp_axis.all_reduce(totals))
+        return totals.tolist()
+
+    def _forward_context(self):
+        return autocast_context(self.cfg.precision, self.device)
 
     # ------------------------------------------------------------------ one step
 
-    # The hooks below are what `megaloom.parallel.trainer.ParallelTrainer` overrides.
     @property
     def is_main(self) -> bool:
         """Whether this process writes metrics, plots and progress (rank 0 of a torchrun job)."""
-        return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        return self.topo.rank == 0
 
     def loss_and_gradients(self, batches: list[MicroBatch], loss_scale: float) -> float:
         """Forward and backward over one global batch; return the mean loss per counted token."""
-        denominator = float(sum(mb.loss_mask.sum().item() for mb in batches))
-        return forward_backward(self.model, batches, denominator, self.cfg.precision, loss_scale)
+        local = float(sum(mb.loss_mask.sum().item() for mb in batches))
+        (count,) = self._global_sum(local if self.topo.is_last_stage else 0.0)
+        schedule = (partial(interleaved_forward_backward, vpp=self.vpp) if self.vpp > 1
+                    else forward_backward)
+        self.optimizer.start_backward(len(batches))
+        total = schedule(
+            self.model, self._as_dicts(batches), self.topo,
+            lambda logits, batch: self._loss_sum(logits, batch) / count,
+            sequence_parallel=self.sequence_parallel, loss_scale=loss_scale,
+            forward_context=self._forward_context)
+        self.optimizer.finish_backward()
+        return self._global_sum(total)[0]
 
     def clip_gradients(self) -> float:
-        """Clip to `train.grad_clip`; return the pre-clip global gradient norm."""
-        return clip_grad_norm(self.params, self.cfg.grad_clip)
+        """Reduce gradients over the layout, clip to `train.grad_clip`; return the pre-clip
+        global gradient norm (the same on every rank)."""
+        self.optimizer.reduce_gradients()
+        return self.optimizer.clip_grad_norm(self.cfg.grad_clip)
 
     def stop_requested(self) -> bool:
-        return self._stop_signal is not None
+        """Whether any rank received SIGINT/SIGTERM (all ranks stop at the same step)."""
+        flag = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        return bool(self.topo.world_axis.all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     def train_step(self) -> dict:
         started = time.perf_counter()
@@ -218,7 +304,7 @@ class Trainer:
             self.scaler.update(skipped)
         self.step += 1
         elapsed = time.perf_counter() - started
-        tokens = sum(mb.inputs.numel() for mb in batches)
+        tokens = sum(mb.inputs.numel() for mb in batches) * self.topo.dp
         record = {
             "step": self.step,
             "loss": loss,
@@ -239,17 +325,18 @@ class Trainer:
         if data is None:
             return None
         self.model.eval()
-        mbs = self.cfg.micro_batch_size
-        batches = min(self.cfg.eval_iters, len(data) // mbs)
-        total, count = 0.0, 0.0
-        for i in range(batches):
-            mb = MicroBatch.from_samples([data[i * mbs + k] for k in range(mbs)], self.device)
-            with autocast_context(self.cfg.precision, self.device):
-                logits = self.model(mb.inputs)
-            total += lm_loss(logits, mb.targets, self.model.config.vocab_size, mb.loss_mask,
-                             reduction="sum").item()
-            count += mb.loss_mask.sum().item()
-        return total / count if count else None
+        mbs, dp = self.cfg.micro_batch_size, self.topo.dp_axis
+        count = min(self.cfg.eval_iters, len(data) // mbs)
+        batches = [MicroBatch.from_samples([data[i * mbs + k] for k in range(mbs)], self.device)
+                   for i in range(dp.rank, count, dp.size)]
+        schedule = (partial(interleaved_forward_only, vpp=self.vpp) if self.vpp > 1
+                    else forward_only)
+        total = schedule(self.model, self._as_dicts(batches), self.topo, self._loss_sum,
+                         sequence_parallel=self.sequence_parallel,
+                         forward_context=self._forward_context)
+        tokens = sum(mb.loss_mask.sum().item() for mb in batches)
+        total, tokens = self._global_sum(total, tokens if self.topo.is_last_stage else 0.0)
+        return total / tokens if tokens else None
 
     # ------------------------------------------------------------------ loop
 

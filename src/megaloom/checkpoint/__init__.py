@@ -1,0 +1,1 @@
+"""Checkpoint files below the trainer and the loaders: sharded tensor storage (`shards`)."""

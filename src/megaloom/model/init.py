@@ -1,0 +1,83 @@
+"""Layout-independent initial weights: any slice of any parameter, drawn on its own.
+
+A parameter's initial values are a pure function of the run seed, its plain-model name and its
+full shape, so a tensor-parallel or pipeline rank draws exactly its own slice and gets the
+values the single-process model has there (the parity oracle holds for every layout).
+
+The full tensor is cut along dim 0 into blocks of whole rows of at most `BLOCK_ELEMENTS`
+elements (a function of the shape alone); block `i` comes from a generator seeded by
+(seed, name, i). A slice draws only the blocks its rows touch, so building a rank's shard peaks
+at the shard plus one block, whether the rank owns rows (column- and vocab-parallel weights) or
+columns (row-parallel weights). Megatron draws each full parameter on the CPU and slices it;
+blocks bound the peak below the largest parameter as well (MT-NLG's embedding is 4 GB in fp32).
+
+Values follow GPT-2/Megatron: N(0, init_std) for matrices and embeddings, init_std /
+sqrt(2 * num_layers) for the residual projections (`attn.proj`, `mlp.down`), zero biases, unit
+norm weights, and zero rows for the padded vocabulary of the token embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from megaloom.config import ModelConfig
+
+BLOCK_ELEMENTS = 1 << 22
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.down.weight")
+
+Box = tuple[tuple[int, int], ...]  # (start, stop) per dimension
+
+
+def full_box(shape: tuple[int, ...] | torch.Size) -> Box:
+    return tuple((0, size) for size in shape)
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(stop - start for start, stop in box)
+
+
+def block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_rule(name: str, config: ModelConfig) -> float | str:
+    """'zeros', 'ones', or the standard deviation of the normal draw for parameter `name`."""
+    if name.endswith(".bias"):
+        return "zeros"
+    if "norm." in name:
+        return "ones"
+    if name.endswith(RESIDUAL_PROJECTIONS):
+        return config.init_std / math.sqrt(2.0 * config.num_layers)
+    return config.init_std
+
+
+def initial_values(name: str, shape: tuple[int, ...] | torch.Size, config: ModelConfig,
+                   seed: int, box: Box | None = None) -> torch.Tensor:
+    """The fp32 initial values of `box` (default: all) of parameter `name` of full `shape`."""
+    shape = tuple(shape)
+    box = full_box(shape) if box is None else box
+    rule = init_rule(name, config)
+    if rule == "zeros":
+        return torch.zeros(box_shape(box))
+    if rule == "ones":
+        return torch.ones(box_shape(box))
+    (row_start, row_stop), rest = box[0], box[1:]
+    row_numel = math.prod(shape[1:])
+    block_rows = max(1, BLOCK_ELEMENTS // max(1, row_numel))
+    pieces = [torch.empty(0, *box_shape(rest))]
+    for block in range(row_start // block_rows, -(-row_stop // block_rows)):
+        low, high = block * block_rows, min((block + 1) * block_rows, shape[0])
+        generator = torch.Generator().manual_seed(block_seed(seed, name, block))
+        values = torch.empty(high - low, *shape[1:]).normal_(0.0, rule, generator=generator)
+        values = values[max(row_start, low) - low:min(row_stop, high) - low]
+        for dim, (start, stop) in enumerate(rest, start=1):
+            values = values.narrow(dim, start, stop - start)
+        pieces.append(values)
+    out = torch.cat(pieces)
+    if name == "embed.weight" and row_stop > config.vocab_size:  # padding ids embed to zero
+        out[max(0, config.vocab_size - row_start):] = 0.0
+    return out
