@@ -3,6 +3,7 @@ parallel (samples sharded, distributed optimizer) and pipelined (validation thro
 a layout that does not fit the world size is a one-line error; a killed rank is restarted and
 the run resumes to the same losses; a crash while writing shards loses nothing."""
 
+import contextlib
 import json
 import os
 import signal
@@ -138,3 +139,31 @@ def test_crash_while_writing_shards_keeps_the_last_checkpoint(data, tmp_path):
     assert main(train_args(data, out, "train.max_steps=3")) == 0
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002",
                                                       "step_00000003"]
+
+
+def test_hung_rank_fails_the_run_within_the_timeout_naming_the_rank(data, tmp_path):
+    out = tmp_path / "hung"
+    command = [sys.executable, "-m", "megaloom", *train_args(
+        data, out, "train.max_steps=100000", "train.save_interval=2", "parallel.pp=2",
+        "parallel.timeout_s=3", "--nproc", "2")]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stopped = []
+    deadline = time.monotonic() + 120
+    while not stopped and run.poll() is None and time.monotonic() < deadline:
+        if (out / "checkpoints" / "latest").is_file():
+            stopped = _worker_pids(out, 1)
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)  # alive, but never answers a collective again
+        time.sleep(0.005)
+    stopped_at = time.monotonic()
+    while _worker_pids(out, 0) and time.monotonic() - stopped_at < 90:
+        time.sleep(0.1)  # rank 0 gives up on its stopped peer after parallel.timeout_s
+    waited = time.monotonic() - stopped_at
+    for pid in stopped:  # a stopped process cannot act on torchrun's SIGTERM
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert stopped and run.returncode != 0
+    assert waited < 60, f"rank 0 waited {waited:.0f}s for a peer that hung"
+    assert b"rank 0 (tp 0, pp 0, dp 0): a collective with its peers failed" in err
+    assert b"parallel.timeout_s=3" in err

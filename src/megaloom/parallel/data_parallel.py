@@ -132,7 +132,7 @@ class _GradBuckets:
             if index not in self.work:
                 self._launch(index)
         for work in self.work.values():
-            work.wait()
+            self.axis.wait(work)
         self.passes, self.reduced, self.seen, self.work = 0, True, {}, {}
 
 

@@ -72,7 +72,7 @@ class _P2P:
                 ops.append(dist.P2POp(dist.irecv, buf, peer, self.axis.group))
         if ops:
             for request in dist.batch_isend_irecv(ops):
-                request.wait()
+                self.axis.wait(request)
         return received.get("prev"), received.get("next")
 
 

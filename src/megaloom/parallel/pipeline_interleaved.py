@@ -96,12 +96,12 @@ class _TaggedP2P:
 
     def receive(self, peer: int, tag: int) -> torch.Tensor:
         buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        dist.irecv(buffer, peer, group=self.axis.group, tag=tag).wait()
+        self.axis.wait(dist.irecv(buffer, peer, group=self.axis.group, tag=tag))
         return buffer
 
     def finish(self) -> None:
         for work, _ in self.pending:
-            work.wait()
+            self.axis.wait(work)
         self.pending.clear()
 
 

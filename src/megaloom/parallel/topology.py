@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 # torch >= 2.13 renames reduce_scatter_tensor (and deprecates the old name).
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+PATIENT_TIMEOUT = timedelta(hours=6)
 
 
 @dataclass
@@ -31,6 +32,14 @@ class Axis:
     ranks: list[int]
     group: dist.ProcessGroup | None = None
     sent: dict[str, int] = field(default_factory=dict)
+    timeout: timedelta | None = None  # for waits on asynchronous work (p2p has no own bound)
+
+    def wait(self, work: dist.Work) -> None:
+        """Wait for asynchronous `work`, failing after `timeout` (when set)."""
+        if self.timeout is None:
+            work.wait()
+        else:
+            work.wait(self.timeout)
 
     def count(self, op: str, elements: float) -> None:
         """Add `elements` sent by this rank in an operation of kind `op`."""
@@ -84,6 +93,9 @@ class Topology:
 
     `mp` is the model-parallel group (all tp x pp ranks of one data-parallel replica);
     `embed` joins the first and last pipeline stage (tied embedding gradients).
+    `patient_group` (gloo, all ranks) carries waits that may legitimately take long (data
+    caches built by one rank, checkpoint files written): `parallel.timeout_s` bounds the
+    training collectives, not those.
     """
 
     tp: int
@@ -97,6 +109,7 @@ class Topology:
     mp_axis: Axis
     world_axis: Axis
     embed_axis: Axis
+    patient_group: dist.ProcessGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -115,8 +128,11 @@ class Topology:
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, device: torch.device | str | None = None, *,
-              virtual: tuple[int, int] | None = None) -> Topology:
+              virtual: tuple[int, int] | None = None,
+              timeout: timedelta | None = None) -> Topology:
         """Build the layout over the default process group (or a single process when none).
+        `timeout` bounds waits on asynchronous work (pipeline transfers, overlapped
+        reductions) like the process group's own timeout bounds its collectives.
 
         `virtual=(world_size, rank)` describes that rank of a layout without any process group
         (its collectives must not be called): for counting a rank's shapes on `meta`."""
@@ -146,23 +162,27 @@ class Topology:
             "embed": [sorted({rank_of(t, d, 0), rank_of(t, d, pp - 1)})
                       for d in range(dp) for t in range(tp)],
         }
-        axes = {name: _make_axis(name, groups, rank, virtual is None)
+        axes = {name: _make_axis(name, groups, rank, virtual is None, timeout)
                 for name, groups in families.items()}
+        patient = (dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+                   if virtual is None and world > 1 else None)
         return cls(tp=tp, pp=pp, dp=dp, rank=rank, device=device, tp_axis=axes["tp"],
                    pp_axis=axes["pp"], dp_axis=axes["dp"], mp_axis=axes["mp"],
-                   world_axis=axes["world"], embed_axis=axes["embed"])
+                   world_axis=axes["world"], embed_axis=axes["embed"], patient_group=patient)
 
 
-def _make_axis(name: str, groups: list[list[int]], rank: int, create: bool = True) -> Axis:
+def _make_axis(name: str, groups: list[list[int]], rank: int, create: bool = True,
+               timeout: timedelta | None = None) -> Axis:
     """Create every group of a family (all ranks must create all groups, in the same order)."""
     mine = next((ranks for ranks in groups if rank in ranks), [rank])  # middle stages: no embed
     handle = None
     if create and len(mine) > 1:
         for ranks in groups:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 handle = group
-    return Axis(name=name, size=len(mine), rank=mine.index(rank), ranks=mine, group=handle)
+    return Axis(name=name, size=len(mine), rank=mine.index(rank), ranks=mine, group=handle,
+                timeout=timeout)
 
 
 def default_device() -> torch.device:
@@ -187,4 +207,27 @@ def init_distributed(device: torch.device | None = None,
     backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index or 0)
-    dist.init_process_group(backend=backend, timeout=timeout)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store, _, _ = next(dist.rendezvous("env://", rank, world,
+                                       timeout=timeout or timedelta(minutes=10)))
+    # An elastic restart may reuse the agent's store: keys of the failed attempt (stale peer
+    # addresses) must not be read, so every attempt gets its own prefix.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"megaloom/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
+                            timeout=timeout)
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed: a peer died or did not answer in time."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection closed"))
+
+
+def describe_collective_failure(exc: BaseException, topo: Topology, timeout_s: float) -> str:
+    """One line naming this rank, its coordinates and what its peers failed to do."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"rank {topo.rank} (tp {topo.tp_axis.rank}, pp {topo.pp_axis.rank}, dp "
+            f"{topo.dp_axis.rank}): a collective with its peers failed (a peer died, or hung "
+            f"longer than parallel.timeout_s={timeout_s:g}): {first}")

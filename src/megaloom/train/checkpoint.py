@@ -115,9 +115,10 @@ def save_checkpoint(
     tokenizer_path: str | Path | None,
     trainer_state: dict[str, Any],
     keep_last: int,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Save this rank's part of the state after `step` (collective over the default group
-    when one is initialised); return the checkpoint path on every rank.
+    """Save this rank's part of the state after `step` (collective over `group`, all ranks,
+    when a process group is initialised); return the checkpoint path on every rank.
 
     `add_chunks(writer)` adds the chunks this rank owns (weights, optimizer moments)."""
     root = Path(out_dir) / "checkpoints"
@@ -128,7 +129,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         remove_leftovers(root)
         tmp.mkdir()
-    _barrier(world)
+    if world > 1:
+        dist.barrier(group=group)
     try:
         writer = ShardWriter()
         add_chunks(writer)
@@ -141,13 +143,13 @@ def save_checkpoint(
             mine = {path.name: file_entry(path)}
     except OSError as exc:
         mine = f"rank {rank}: {exc}"
-    entries = _gather(mine, world)
+    entries = _gather(mine, world, group)
     outcome: list = [None]
     if rank == 0:
         outcome[0] = _finish_save(root, name, tmp, entries, config, tokenizer_path,
                                   {"step": step, **trainer_state}, keep_last)
     if world > 1:
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, group=group)
     if not isinstance(outcome[0], Path):
         raise CheckpointError(f"saving checkpoint {root / name} failed: {outcome[0]}")
     return outcome[0]
@@ -191,16 +193,11 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _gather(obj, world: int) -> list:
+def _gather(obj, world: int, group: dist.ProcessGroup | None) -> list:
     if world == 1:
         return [obj]
     out = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=group)
     return out or []
 
 

@@ -109,7 +109,8 @@ def join_job(config: Config) -> Topology:
         device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
     init_distributed(device, timedelta(seconds=config.parallel.timeout_s))
     try:
-        topo = Topology.build(config.parallel.tp, config.parallel.pp, device)
+        topo = Topology.build(config.parallel.tp, config.parallel.pp, device,
+                              timeout=timedelta(seconds=config.parallel.timeout_s))
     except ValueError as exc:
         raise ConfigError(f"parallel.tp/parallel.pp: {exc} (start more processes with "
                           "`megaloom train --nproc N` or torchrun --nproc-per-node N)") from exc
@@ -130,7 +131,7 @@ def build_trainer(config: Config, resume: bool = True) -> Trainer:
         if stage == turn:
             prepared = prepare_run(config)
         if topo.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=topo.patient_group)
     source, train_ds, valid_ds = prepared
     trainer = Trainer.create(config, train_ds, valid_ds, config.data.tokenizer, topo, source)
     out_dir = Path(config.train.out_dir)

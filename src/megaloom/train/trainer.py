@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from megaloom.checkpoint.shards import ShardWriter
 from megaloom.config import Config, ConfigError
-from megaloom.errors import CheckpointError
+from megaloom.errors import CheckpointError, MegaloomError
 from megaloom.model.gpt import GPT
 from megaloom.parallel.build import (
     InitSource,
@@ -53,7 +53,11 @@ from megaloom.parallel.pipeline_interleaved import (
     interleaved_forward_only,
 )
 from megaloom.parallel.random import seed_everything
-from megaloom.parallel.topology import Topology
+from megaloom.parallel.topology import (
+    Topology,
+    describe_collective_failure,
+    is_collective_failure,
+)
 from megaloom.train import checkpoint as ckpt
 from megaloom.train.checkpoint import restore_rng_state
 from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
@@ -182,7 +186,7 @@ class Trainer:
 
         path = ckpt.save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
                                     self.tokenizer_path, self.trainer_state(),
-                                    self.cfg.keep_last)
+                                    self.cfg.keep_last, self.topo.patient_group)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -368,6 +372,11 @@ class Trainer:
                     last_saved = self.save()
             if last_saved is None or last_saved.name != ckpt.step_dir_name(self.step):
                 last_saved = self.save()
+        except RuntimeError as exc:
+            if self.topo.world_size > 1 and is_collective_failure(exc):
+                raise MegaloomError(describe_collective_failure(
+                    exc, self.topo, self.config.parallel.timeout_s)) from exc
+            raise
         finally:
             bar.close()
             metrics.close()
