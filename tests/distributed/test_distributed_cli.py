@@ -6,7 +6,9 @@ the run resumes to the same losses; a crash while writing shards loses nothing."
 import contextlib
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,3 +169,35 @@ def test_hung_rank_fails_the_run_within_the_timeout_naming_the_rank(data, tmp_pa
     assert waited < 60, f"rank 0 waited {waited:.0f}s for a peer that hung"
     assert b"rank 0 (tp 0, pp 0, dp 0): a collective with its peers failed" in err
     assert b"parallel.timeout_s=3" in err
+
+
+def readme_two_node_commands() -> list[list[str]]:
+    """The README's two-node example: one torchrun command per node."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    lines = [line.strip() for line in readme.splitlines()
+             if line.strip().startswith("torchrun --nnodes 2 --node-rank")]
+    assert len(lines) == 2, "README.md should show the two node commands"
+    return [shlex.split(line.split("#")[0]) for line in lines]
+
+
+def test_two_nodes_on_localhost_match_the_single_process(data, tmp_path):
+    """Two torchrun invocations (2 processes each) meet by c10d rendezvous on 127.0.0.1, as
+    the README shows, and train to the single-process losses."""
+    assert main(train_args(data, tmp_path / "one")) == 0
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "two-nodes"
+    runs = []
+    for command in readme_two_node_commands():
+        command = [part.replace("127.0.0.1:29500", f"127.0.0.1:{port}") for part in command]
+        runs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *command[1:],
+             *train_args(data, out)[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], errors[0].decode()[-2000:]
+    one = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
