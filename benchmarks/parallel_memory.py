@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks.common import machine_info, write_json
 
 MODEL = ["model.arch=gpt2", "model.num_layers=8", "model.hidden_size=1024",
-         "model.num_heads=16", "model.seq_len=128"]
+         "model.num_heads=16", "model.seq_len=128", "model.vocab_size=4096"]
 TRAIN = ["train.precision=fp32", "train.max_steps=2", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.eval_interval=1000", "train.save_interval=1000",
          "train.warmup_steps=1"]
@@ -59,7 +59,7 @@ def planner_bytes(overrides: list[str], nproc: int, rank: int) -> tuple[float, f
     from megaloom.plan.memory import stage_memory
     from megaloom.plan.params import stage_parameters
 
-    config = load_config(None, MODEL + TRAIN + overrides + ["model.vocab_size=4096"])
+    config = load_config(None, MODEL + TRAIN + overrides)
     par = config.parallel
     layout = Layout(gpus=nproc, tp=par.tp, pp=par.pp, micro_batch=2, global_batch=4,
                     precision="fp32", distributed_optimizer=par.distributed_optimizer)

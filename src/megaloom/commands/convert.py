@@ -42,11 +42,16 @@ def run(args: argparse.Namespace) -> int:
     if args.direction == "hf-to-megaloom":
         out = import_hf(args.hf_dir, args.out)
     else:
-        from megaloom.train.checkpoint import load_model
+        from megaloom.train.checkpoint import LazyState, load_model, open_checkpoint
 
         max_shard_size = parse_size(args.max_shard_size)  # a typo fails before the slow load
-        model, config, tokenizer_path = load_model(args.checkpoint)
-        out = export_hf(model, config, args.out, tokenizer_path=tokenizer_path,
+        if str(args.checkpoint).startswith("hf:"):
+            weights, config, tokenizer_path = load_model(args.checkpoint)
+        else:  # streamed: one tensor read and converted at a time
+            checkpoint = open_checkpoint(args.checkpoint)
+            weights, config = LazyState(checkpoint), checkpoint.config
+            tokenizer_path = checkpoint.tokenizer
+        out = export_hf(weights, config, args.out, tokenizer_path=tokenizer_path,
                         max_shard_size=max_shard_size,
                         dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(out)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from megaloom.config import Config, ModelConfig
 from megaloom.errors import CheckpointError
@@ -32,7 +34,7 @@ from megaloom.interop.weight_files import (
     read_hf_weights,
     write_hf_weights,
 )
-from megaloom.interop.weights import hf_to_megaloom, megaloom_to_hf
+from megaloom.interop.weights import hf_to_megaloom, iter_megaloom_to_hf
 from megaloom.model.gpt import GPT
 from megaloom.utils.io import atomic_dir
 
@@ -77,25 +79,35 @@ def load_hf_model(
 
 
 def export_hf(
-    model: GPT,
+    model: GPT | Mapping[str, torch.Tensor],
     config: Config | ModelConfig,
     out_dir: str | Path,
     tokenizer_path: str | Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write `model` as a HF GPT-2 (`arch=gpt2`) or Llama (`arch=llama`) directory.
+    """Write `model` (a `GPT`, or a state mapping such as a checkpoint's lazy
+    `train.checkpoint.LazyState`) as a HF GPT-2 (`arch=gpt2`) or Llama (`arch=llama`) directory.
 
-    Padding vocabulary rows are dropped, a tied head is stored once, weights are cast to `dtype`
-    when given, and files above `max_shard_size` (bytes or "5GB") are sharded with an index.
-    `out_dir` must not exist or be empty; it appears complete or not at all.
+    Tensors are converted and written one file at a time, so a lazy state streams in memory
+    bounded by `max_shard_size`. Padding vocabulary rows are dropped, a tied head is stored
+    once, weights are cast to `dtype` when given, and files above `max_shard_size` (bytes or
+    "5GB") are sharded with an index. `out_dir` must not exist or be empty; it appears
+    complete or not at all.
     """
     model_config = config.model if isinstance(config, Config) else config
     out_dir = _empty_output(out_dir)
-    weights_dtype = dtype or next(model.parameters()).dtype
+    if isinstance(model, nn.Module):
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        weights_dtype = dtype or next(model.parameters()).dtype
+    else:
+        state, weights_dtype = model, dtype or getattr(model, "dtype", torch.float32)
     hf_config_from_model(model_config, weights_dtype)  # refuse before touching anything
-    state = megaloom_to_hf({k: v.detach() for k, v in model.state_dict().items()}, model_config)
-    state = {name: t.to(weights_dtype) for name, t in state.items()}
+    shapes = {k: torch.empty(v, device="meta") for k, v in getattr(state, "shapes", {}).items()}
+    shapes = shapes or {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
+    sizes = {name: t.numel() * weights_dtype.itemsize
+             for name, t in iter_megaloom_to_hf(shapes, model_config)}
+    tensors = ((name, t.to(weights_dtype)) for name, t in iter_megaloom_to_hf(state, model_config))
     with atomic_dir(out_dir) as tmp:
         token_ids = {}
         if tokenizer_path is not None:
@@ -103,7 +115,7 @@ def export_hf(
         hf_config = hf_config_from_model(model_config, weights_dtype, **token_ids)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n",
                                          encoding="utf-8")
-        write_hf_weights(state, tmp, max_shard_size)
+        write_hf_weights(tensors, tmp, max_shard_size, sizes=sizes)
     log.info("exported %s model to %s", model_config.arch, out_dir)
     return out_dir
 

@@ -17,7 +17,7 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -115,19 +115,27 @@ def _read_sharded(index_path: Path, reader: Callable[[Path], dict[str, torch.Ten
 
 
 def write_hf_weights(
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     directory: str | Path,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    sizes: dict[str, int] | None = None,
 ) -> list[Path]:
     """Write `tensors` as `model.safetensors`, or as `model-0000k-of-0000n.safetensors` shards
-    plus `model.safetensors.index.json` when they exceed `max_shard_size`. Returns the files."""
+    plus `model.safetensors.index.json` when they exceed `max_shard_size`. Returns the files.
+
+    `tensors` is a dict, or an iterator of (name, tensor) in the order of `sizes` (name ->
+    bytes): each file is then written as soon as its tensors have arrived, so memory stays
+    bounded by one file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if sizes is None:
+        sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
+        tensors = tensors.items()
+    items = iter(tensors)
     limit = parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     current = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
+    for name, size in sizes.items():
         if shards[-1] and current + size > limit:
             shards.append([])
             current = 0
@@ -140,16 +148,22 @@ def write_hf_weights(
     written = []
     for file_name, shard in tqdm(list(zip(names, shards, strict=True)), desc="writing shards",
                                  unit="shard", disable=None):
-        data = {name: tensors[name].detach().to("cpu").contiguous().clone() for name in shard}
+        data = {}
+        for expected in shard:
+            name, tensor = next(items)
+            if name != expected:
+                raise ValueError(f"tensor {name!r} arrived where {expected!r} was planned")
+            data[name] = tensor.detach().to("cpu").contiguous().clone()
         save_file(data, str(directory / file_name), metadata={"format": "pt"})
         written.append(directory / file_name)
+        del data
     if count > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "metadata": {"total_size": sum(sizes.values())},
             "weight_map": {name: file_name for file_name, shard in zip(names, shards, strict=True)
                            for name in shard},
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         written.append(directory / INDEX_NAME)
-    log.debug("wrote %d tensors in %d file(s)", len(tensors), count)
+    log.debug("wrote %d tensors in %d file(s)", len(sizes), count)
     return written

@@ -17,6 +17,7 @@ import checks that every HF tensor is used exactly once and has the expected sha
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -169,23 +170,28 @@ def hf_to_megaloom(hf: dict[str, torch.Tensor], config: ModelConfig,
     return out
 
 
-def megaloom_to_hf(state: dict[str, torch.Tensor], config: ModelConfig
+def megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
                    ) -> dict[str, torch.Tensor]:
     """A HF state dict (names as `save_pretrained` writes them) from a megaloom state dict.
     Padding vocabulary rows are dropped; a tied head is omitted, as HF does."""
-    out: dict[str, torch.Tensor] = {}
+    return dict(iter_megaloom_to_hf(state, config))
+
+
+def iter_megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`megaloom_to_hf` one HF tensor at a time, reading each megaloom tensor when it is
+    needed, so a lazy `state` (`checkpoint.LazyState`) converts in bounded memory."""
     for ours, theirs, transposed in _all_pairs(config):
         tensor = state[ours]
         if ours in ("embed.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]
-        out[theirs] = tensor.t() if transposed else tensor
+        yield theirs, (tensor.t() if transposed else tensor)
     for i in range(config.num_layers):
         for kind in _qkv_kinds(config):
             q, k, v = split_qkv(state[f"layers.{i}.attn.qkv.{kind}"], config)
             names = _qkv_hf_names(config, i, kind)
             if config.arch == "gpt2":
                 fused = torch.cat([q, k, v])
-                out[names[0]] = fused.t() if kind == "weight" else fused
+                yield names[0], (fused.t() if kind == "weight" else fused)
             else:
-                out.update(zip(names, (q, k, v), strict=True))
-    return out
+                yield from zip(names, (q, k, v), strict=True)

@@ -33,7 +33,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from megaloom.checkpoint.shards import (
     TensorStore,
     index_shards,
     shard_file_name,
+    stored_name,
 )
 from megaloom.config import Config, ConfigError, ModelConfig, config_from_dict, read_yaml_mapping
 from megaloom.errors import CheckpointError
@@ -307,6 +308,29 @@ class OpenCheckpoint:
             raise CheckpointError(f"{self.directory}: {name} has shape "
                                   f"{self.store.shapes[name]}, the model expects {tuple(shape)}")
         return self.store.read(name, box)
+
+
+class LazyState(Mapping):
+    """A checkpoint's weights as the plain model's state dict whose tensors are read, whole,
+    only when looked up (a tied head reads the embedding): for streaming conversions."""
+
+    def __init__(self, checkpoint: OpenCheckpoint):
+        self.checkpoint = checkpoint
+        with torch.device("meta"):
+            plain = GPT(checkpoint.config.model)
+        self.shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
+        self.dtype = plain.embed.weight.dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        return self.checkpoint.read(stored_name(name, self.checkpoint.config.model), shape,
+                                    full_box(shape))
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def open_checkpoint(spec: str | Path) -> OpenCheckpoint:
