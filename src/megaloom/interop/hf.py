@@ -31,10 +31,16 @@ from megaloom.interop.hf_config import hf_config_from_model, model_config_from_h
 from megaloom.interop.tokenizer_files import copy_side_files, find_tokenizer, write_tokenizer_files
 from megaloom.interop.weight_files import (
     DEFAULT_MAX_SHARD_SIZE,
+    open_hf_weights,
     read_hf_weights,
     write_hf_weights,
 )
-from megaloom.interop.weights import hf_to_megaloom, iter_megaloom_to_hf
+from megaloom.interop.weights import (
+    convert_hf_tensor,
+    hf_to_megaloom,
+    iter_megaloom_to_hf,
+    normalize_hf_names,
+)
 from megaloom.model.gpt import GPT
 from megaloom.utils.io import atomic_dir
 
@@ -51,9 +57,8 @@ def load_hf_model(
     the imported `ModelConfig`, and the directory's `tokenizer.json` when it has one.
     """
     hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise CheckpointError(f"Hugging Face model directory not found: {hf_dir}")
-    model_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    config, tokenizer = hf_model_config(hf_dir)
+    model_config = config.model
     with torch.device("meta"):
         model = GPT(model_config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -70,12 +75,40 @@ def load_hf_model(
         model.lm_head.weight = model.embed.weight
     log.info("loaded %s model (%.2fM parameters) from %s", model_config.arch,
              model.num_parameters() / 1e6, hf_dir)
-    tokenizer = find_tokenizer(hf_dir)
     if tokenizer is None:
         log.warning("%s has no tokenizer.json, so no tokenizer comes with the model (save a fast "
                     "tokenizer there: AutoTokenizer.from_pretrained(...).save_pretrained(DIR))",
                     hf_dir)
-    return model, Config(model=model_config).validate(), tokenizer
+    return model, config, tokenizer
+
+
+class HFSource:
+    """A `TensorSource` over a Hugging Face directory: each megaloom parameter is converted
+    from its HF tensors when asked for (safetensors read tensor by tensor), and only the box
+    a rank owns is kept, so building a shard peaks at the shard plus one parameter."""
+
+    def __init__(self, hf_dir: str | Path, config: ModelConfig):
+        self.config = config
+        self.weights = open_hf_weights(hf_dir)
+        self.names = normalize_hf_names(self.weights, config)
+
+    def read(self, name: str, shape: tuple[int, ...], box) -> torch.Tensor:
+        def fetch(hf_name: str) -> torch.Tensor:
+            if hf_name not in self.names:
+                raise CheckpointError(f"Hugging Face checkpoint lacks tensor {hf_name!r}")
+            return self.weights[self.names[hf_name]]
+
+        full = convert_hf_tensor(name, fetch, self.config, shape).float()
+        return full[tuple(slice(lo, hi) for lo, hi in box)].clone()
+
+
+def hf_model_config(hf_dir: str | Path) -> tuple[Config, Path | None]:
+    """The `Config` around a HF directory's model and its tokenizer, without the weights."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"Hugging Face model directory not found: {hf_dir}")
+    model_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    return Config(model=model_config).validate(), find_tokenizer(hf_dir)
 
 
 def export_hf(

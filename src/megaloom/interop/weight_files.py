@@ -17,7 +17,7 @@ import json
 import logging
 import pickle
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -64,6 +64,60 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
             return reader(directory / single)
     raise CheckpointError(f"{directory}: no weights found (looked for {WEIGHTS_NAME}, "
                           f"{INDEX_NAME}, {BIN_WEIGHTS_NAME} and {BIN_INDEX_NAME})")
+
+
+class LazySafetensors(Mapping):
+    """Tensors of safetensors files by name, each read from its file only when looked up
+    (headers are read up front)."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: cannot read {name}: {exc}") from exc
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def open_hf_weights(directory: str | Path) -> Mapping[str, torch.Tensor]:
+    """Like `read_hf_weights`, but safetensors tensors are read only when looked up, one at a
+    time (for building one rank's shard); `.bin` checkpoints are read whole."""
+    directory = Path(directory)
+    if (directory / INDEX_NAME).is_file() or (directory / WEIGHTS_NAME).is_file():
+        files = _safetensors_shards(directory)
+        names: dict[str, Path] = {}
+        for path in files:
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    names.update({name: path for name in handle.keys()})  # noqa: SIM118
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from exc
+        return LazySafetensors(names)
+    return read_hf_weights(directory)
+
+
+def _safetensors_shards(directory: Path) -> list[Path]:
+    if not (directory / INDEX_NAME).is_file():
+        return [directory / WEIGHTS_NAME]
+    index_path = directory / INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid weights index ({exc})") from exc
+    files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{index_path}: shard {path.name} is missing")
+    return files
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

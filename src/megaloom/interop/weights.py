@@ -17,7 +17,7 @@ import checks that every HF tensor is used exactly once and has the expected sha
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -105,69 +105,81 @@ def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
-def normalize_hf_names(hf: dict[str, torch.Tensor], config: ModelConfig
-                       ) -> dict[str, torch.Tensor]:
-    """Add the `transformer.` / `model.` prefix that base-model checkpoints (`GPT2Model`,
-    `LlamaModel`) lack, and drop stateless buffers."""
+def normalize_hf_names(names: Iterable[str], config: ModelConfig) -> dict[str, str]:
+    """HF name as megaloom expects it -> name in the checkpoint: adds the `transformer.` /
+    `model.` prefix that base-model checkpoints (`GPT2Model`, `LlamaModel`) lack, and drops
+    stateless buffers."""
+    names = list(names)
     prefix = HF_PREFIX[config.arch]
-    bare = not any(name.startswith(prefix) for name in hf)
-    return {
-        (prefix + name if bare and name != "lm_head.weight" else name): tensor
-        for name, tensor in hf.items()
-        if not IGNORED_HF_TENSORS.search(name)
-    }
+    bare = not any(name.startswith(prefix) for name in names)
+    return {(prefix + name if bare and name != "lm_head.weight" else name): name
+            for name in names if not IGNORED_HF_TENSORS.search(name)}
 
 
-def hf_to_megaloom(hf: dict[str, torch.Tensor], config: ModelConfig,
+def hf_sources(name: str, config: ModelConfig) -> list[str]:
+    """The HF tensors (normalized names) megaloom parameter `name` is made from."""
+    match = re.fullmatch(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+    if match:
+        return _qkv_hf_names(config, int(match.group(1)), match.group(2))
+    pairs = {ours: theirs for ours, theirs, _ in _all_pairs(config)}
+    if name not in pairs:
+        raise CheckpointError(f"megaloom parameter {name!r} has no Hugging Face counterpart")
+    return [pairs[name]]
+
+
+def convert_hf_tensor(name: str, fetch: Callable[[str], torch.Tensor], config: ModelConfig,
+                      shape: tuple[int, ...]) -> torch.Tensor:
+    """Megaloom parameter `name` (of `shape`) from the HF tensors `fetch(hf_name)` returns:
+    transposed Conv1D weights, fused grouped qkv, zero padding rows for the vocabulary."""
+    names = hf_sources(name, config)
+    parts = [fetch(n) for n in names]
+    if name.endswith((".qkv.weight", ".qkv.bias")):
+        kind = name.rsplit(".", 1)[1]
+        try:
+            if config.arch == "gpt2":
+                fused = parts[0].t() if kind == "weight" else parts[0]
+                d = config.head_dim
+                parts = list(fused.split([config.num_heads * d, config.num_kv_heads * d,
+                                          config.num_kv_heads * d]))
+            tensor = fuse_qkv(*parts, config)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{', '.join(names)}: unexpected shapes "
+                                  f"{[tuple(p.shape) for p in parts]}") from exc
+    else:
+        transposed = next(t for ours, _, t in _all_pairs(config) if ours == name)
+        tensor = parts[0].t() if transposed else parts[0]
+        if name in ("embed.weight", "lm_head.weight") and tensor.shape[0] == config.vocab_size:
+            tensor = _pad_rows(tensor, config.padded_vocab_size)
+    if tuple(tensor.shape) != tuple(shape):
+        raise CheckpointError(f"{', '.join(names)}: shape {tuple(tensor.shape)} does not match "
+                              f"config.json (megaloom {name} expects {tuple(shape)})")
+    return tensor
+
+
+def hf_to_megaloom(hf: Mapping[str, torch.Tensor], config: ModelConfig,
                    expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A megaloom state dict from a HF one. `expected_shapes` (megaloom name -> shape) comes
-    from the target model; every HF tensor must be used and every shape must match."""
-    remaining = normalize_hf_names(hf, config)
-
-    def take(name: str) -> torch.Tensor:
-        if name not in remaining:
-            raise CheckpointError(f"Hugging Face checkpoint lacks tensor {name!r}")
-        return remaining.pop(name)
-
-    if config.tie_embeddings and "lm_head.weight" in remaining:
-        head = remaining.pop("lm_head.weight")
+    from the target model (a tied `lm_head.weight` left out or not); every HF tensor must be
+    used and every shape must match."""
+    original = normalize_hf_names(hf, config)
+    if config.tie_embeddings and "lm_head.weight" in original:
+        head = hf[original.pop("lm_head.weight")]
         embed_name = _top_pairs(config)[0][1]
-        if embed_name in remaining and not torch.equal(head, remaining[embed_name]):
+        if embed_name in original and not torch.equal(head, hf[original[embed_name]]):
             raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
                                   f"{embed_name}; set tie_word_embeddings=false in config.json")
-    out: dict[str, torch.Tensor] = {}
-    sources: dict[str, str] = {}
-    for ours, theirs, transposed in _all_pairs(config):
-        tensor = take(theirs)
-        out[ours] = tensor.t() if transposed else tensor
-        sources[ours] = theirs
-    for i in range(config.num_layers):
-        for kind in _qkv_kinds(config):
-            names = _qkv_hf_names(config, i, kind)
-            parts = [take(name) for name in names]
-            try:
-                if config.arch == "gpt2":
-                    fused = parts[0].t() if kind == "weight" else parts[0]
-                    d = config.head_dim
-                    parts = list(fused.split([config.num_heads * d, config.num_kv_heads * d,
-                                              config.num_kv_heads * d]))
-                out[f"layers.{i}.attn.qkv.{kind}"] = fuse_qkv(*parts, config)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{', '.join(names)}: unexpected shapes "
-                                      f"{[tuple(p.shape) for p in parts]}") from exc
-            sources[f"layers.{i}.attn.qkv.{kind}"] = ", ".join(names)
-    if remaining:
+    wanted = {n: s for n, s in expected_shapes.items()
+              if not (config.tie_embeddings and n == "lm_head.weight")}
+    used = {hf_name for name in wanted for hf_name in hf_sources(name, config)}
+    missing = sorted(used - set(original))
+    if missing:
+        raise CheckpointError(f"Hugging Face checkpoint lacks tensor {missing[0]!r}")
+    unused = sorted(set(original) - used)
+    if unused:
         raise CheckpointError(f"Hugging Face checkpoint has tensors megaloom does not use: "
-                              f"{', '.join(sorted(remaining)[:5])}")
-    for name in ("embed.weight", "lm_head.weight"):
-        if name in out and out[name].shape[0] == config.vocab_size:
-            out[name] = _pad_rows(out[name], config.padded_vocab_size)
-    for name, tensor in out.items():
-        want = expected_shapes[name]
-        if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{sources[name]}: shape {tuple(tensor.shape)} does not match "
-                                  f"config.json (megaloom {name} expects {tuple(want)})")
-    return out
+                              f"{', '.join(unused[:5])}")
+    return {name: convert_hf_tensor(name, lambda n: hf[original[n]], config, shape)
+            for name, shape in wanted.items()}
 
 
 def megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig

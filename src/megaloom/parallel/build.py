@@ -44,19 +44,6 @@ class InitSource:
         return initial_values(name, shape, self.config, self.seed, box)
 
 
-class StateDictSource:
-    """Weights from full tensors in memory (a plain model's `state_dict`)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.state = state
-
-    def read(self, name: str, shape: tuple[int, ...], box: Box) -> torch.Tensor:
-        tensor = self.state[name]
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-        return tensor[tuple(slice(lo, hi) for lo, hi in box)]
-
-
 @torch.no_grad()
 def materialize(model: GPT, topo: Topology, source: TensorSource,
                 dtype: torch.dtype = torch.float32) -> GPT:

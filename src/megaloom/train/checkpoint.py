@@ -401,15 +401,14 @@ def plain_order(config: ModelConfig) -> list[list[str]]:
 def open_weights(spec: str | Path) -> tuple[Config, Path | None, object]:
     """(config, tokenizer path, `TensorSource` of the weights) of anything `load_model`
     accepts; a megaloom checkpoint is read box by box (each rank reads only its slices), a
-    Hugging Face directory is converted in memory first."""
+    Hugging Face directory parameter by parameter."""
     text = str(spec)
     if text.startswith("hf:"):
-        from megaloom.interop.hf import load_hf_model
-        from megaloom.parallel.build import StateDictSource
+        from megaloom.interop.hf import HFSource, hf_model_config
 
-        model, config, tokenizer = load_hf_model(text[3:])
-        return config, (Path(tokenizer) if tokenizer else None), StateDictSource(
-            model.state_dict())
+        config, tokenizer = hf_model_config(text[3:])
+        return config, (Path(tokenizer) if tokenizer else None), HFSource(text[3:],
+                                                                          config.model)
     checkpoint = open_checkpoint(spec)
     return checkpoint.config, checkpoint.tokenizer, checkpoint
 
