@@ -75,7 +75,9 @@ def _count_rank(rank, world, tp, pp, vpp, zero, config, results):
     optimizer = trainer.optimizer
     moments = sum(t.numel() * t.element_size() for state in optimizer.optimizer.state.values()
                   for k, t in state.items() if k != "step")
-    shards = sum(s.shard.numel() * 4 + s.shard.grad.numel() * 4 for s in optimizer.shards)
+    # ZeRO's one extra buffer: the reduce-scattered gradient of the rank's slice (the slice
+    # itself is a view of the parameters)
+    shards = sum(s.shard.grad.numel() * 4 for s in optimizer.shards)
     layout = Layout(gpus=world, tp=tp, pp=pp, vpp=vpp, micro_batch=1, global_batch=4,
                     precision="fp32", distributed_optimizer=zero).validate(config)
     plan = stage_memory(config, layout, stage_parameters(config, pp, vpp)[trainer.topo.pp_axis
@@ -97,6 +99,6 @@ def test_planned_bytes_equal_the_allocated_bytes(tmp_path, tp, pp, vpp, zero, wo
             real, planned = counts[kind]
             assert real == planned, f"rank {rank} {kind}: {real} allocated, {planned} planned"
         real, planned = counts["optimizer"]
-        # ZeRO pads each group's flat buffer to a multiple of dp: < dp elements of 16 bytes
-        slack = 16 * counts["groups"] * (counts["dp"] - 1) / counts["dp"] if zero else 0
+        # ZeRO pads each group's flat buffer to a multiple of dp: < dp elements of 12 bytes
+        slack = 12 * counts["groups"] * (counts["dp"] - 1) / counts["dp"] if zero else 0
         assert math.isclose(real, planned, abs_tol=slack), f"rank {rank}: {real} vs {planned}"

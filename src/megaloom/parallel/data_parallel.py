@@ -137,37 +137,56 @@ class _GradBuckets:
 
 
 class _FlatShard:
-    """A parameter group flattened (zero-padded to a multiple of dp) and this rank's slice."""
+    """ZeRO-1 for one parameter group, without copies: the parameters and their gradients live
+    as views in two flat buffers (zero-padded to a multiple of dp), and this rank's slice of
+    the parameter buffer is the tensor AdamW updates (`shard`, whose gradient is the
+    reduce-scattered slice of the gradient buffer)."""
 
     def __init__(self, params: list[nn.Parameter], topo: Topology):
         self.params, self.axis = params, topo.dp_axis
         self.sizes = [p.numel() for p in params]
         self.length = math.ceil(sum(self.sizes) / self.axis.size)
         self.start = self.axis.rank * self.length
-        self.shard = nn.Parameter(self.local([p.detach() for p in params]).clone())
-        weights = [torch.full_like(p, float(counts_in_norm(p, topo))) for p in params]
-        self.norm_weights = self.local(weights)
+        first = params[0]
+        self.flat = torch.zeros(self.length * self.axis.size, dtype=first.dtype,
+                                device=first.device)
+        self.grad_flat = torch.zeros_like(self.flat)
+        self.norm_weights = torch.zeros(self.length, dtype=first.dtype, device=first.device)
+        offset = 0
+        with torch.no_grad():
+            for param, size in zip(params, self.sizes, strict=True):
+                view = self.flat[offset:offset + size].view_as(param)
+                view.copy_(param)
+                param.data = view
+                lo, hi = max(offset, self.start), min(offset + size, self.start + self.length)
+                if lo < hi:
+                    self.norm_weights[lo - self.start:hi - self.start] = float(
+                        counts_in_norm(param, topo))
+                offset += size
+        self.shard = nn.Parameter(self.flat[self.start:self.start + self.length])
+        self.shard.grad = torch.zeros_like(self.shard)
+        self.zero_grad()
 
-    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        return nn.functional.pad(flat, (0, self.length * self.axis.size - flat.numel()))
-
-    def local(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return self.flatten(tensors)[self.start:self.start + self.length]
-
-    def unflatten(self, shard: torch.Tensor) -> list[torch.Tensor]:
-        """All-gather shard-shaped data and split it into parameter-shaped tensors."""
-        flat = self.axis.all_gather(shard.detach(), 0)[:sum(self.sizes)]
-        return [t.view_as(p) for t, p in zip(flat.split(self.sizes), self.params, strict=True)]
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer and point every gradient back at its view."""
+        self.grad_flat.zero_()
+        offset = 0
+        for param, size in zip(self.params, self.sizes, strict=True):
+            param.grad = self.grad_flat[offset:offset + size].view_as(param)
+            offset += size
 
     def reduce_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        self.shard.grad = self.axis.reduce_scatter(self.flatten(grads), 0)
+        """Sum the gradients over dp onto this rank's slice."""
+        self.shard.grad = self.axis.reduce_scatter(self.grad_flat, 0, out=self.shard.grad)
 
     @torch.no_grad()
     def gather_params(self) -> None:
-        for param, value in zip(self.params, self.unflatten(self.shard), strict=True):
-            param.copy_(value)
+        """Give every rank the slices the others updated (all-gather into the buffer)."""
+        if self.axis.size == 1:
+            return
+        self.axis.count("all_gather", self.length * (self.axis.size - 1))
+        dist.all_gather(list(self.flat.chunk(self.axis.size)), self.shard.detach().clone(),
+                        group=self.axis.group)
 
 
 class ParallelOptimizer:
@@ -192,12 +211,17 @@ class ParallelOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop gradients (or zero the dp buckets they live in)."""
+        """Zero the gradients in place (or the flat buffers they live in): they keep their
+        memory from step to step instead of being freed and allocated again, which fragments
+        the heap."""
         if self.buckets:
             self.buckets.zero()
             return
-        for param in self.params + [s.shard for s in self.shards]:
-            param.grad = None
+        for shard in self.shards:
+            shard.zero_grad()
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.zero_()
 
     def start_backward(self, passes: int) -> None:
         """Overlap the dp all-reduce with the backward: each parameter gets `passes` gradient
@@ -244,12 +268,6 @@ class ParallelOptimizer:
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
             torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
         return norm
-
-    @torch.no_grad()
-    def refresh_shards(self) -> None:
-        """Copy the parameters into the ZeRO shards (after loading weights into the model)."""
-        for shard in self.shards:
-            shard.shard.copy_(shard.local([p.detach() for p in shard.params]))
 
     def step(self) -> None:
         self.optimizer.step()
@@ -312,7 +330,6 @@ class ParallelOptimizer:
     def read_state(self, store: TensorStore, adam_steps: int | None) -> None:
         """Load the AdamW moments of this rank's part from a checkpoint written under any
         layout (`write_state`); `adam_steps` None means the checkpoint has none."""
-        self.refresh_shards()
         if adam_steps is None:
             self.optimizer.state.clear()
             return

@@ -61,18 +61,26 @@ class Axis:
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def reduce_scatter(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sum over ranks, then keep this rank's chunk along `dim` (which must divide evenly)."""
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over ranks, then keep this rank's chunk along `dim` (which must divide evenly),
+        written into `out` when given."""
         if self.size == 1:
-            return tensor
+            return tensor if out is None else out.copy_(tensor)
         if tensor.shape[dim] % self.size:
             raise ValueError(f"{self.name}: dim {dim} of size {tensor.shape[dim]} does not split "
                              f"into {self.size} equal parts")
         self.count("reduce_scatter", tensor.numel() * (self.size - 1) / self.size)
-        chunks = torch.stack(tensor.chunk(self.size, dim=dim))
-        out = torch.empty(chunks[0].numel(), dtype=tensor.dtype, device=tensor.device)
-        _reduce_scatter_single(out, chunks.reshape(-1), group=self.group)
-        return out.view(chunks.shape[1:])
+        if dim == 0 and tensor.is_contiguous():  # the chunks already lie one after another
+            chunks = tensor.view(self.size, -1)
+            shape = (tensor.shape[0] // self.size, *tensor.shape[1:])
+        else:
+            chunks = torch.stack(tensor.chunk(self.size, dim=dim))
+            shape = chunks.shape[1:]
+        if out is None:
+            out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        _reduce_scatter_single(out.view(-1), chunks.reshape(-1), group=self.group)
+        return out.view(shape)
 
     def chunk(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's slice of `tensor` along `dim` (no communication)."""

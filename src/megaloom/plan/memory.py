@@ -113,9 +113,10 @@ def model_state_bytes_per_param(precision: str, grad_dtype: str,
     """Bytes per parameter of weights, gradients and optimizer state (before dp sharding).
 
     fp32 is megaloom's own path: the Adam moments (8), and with the distributed optimizer also
-    the fp32 copy of the rank's flat shard and its reduced gradient (8 more, then / dp)."""
+    the reduce-scattered gradient of the rank's slice (4 more, then / dp; the slice itself is
+    a view of the weights)."""
     if precision == "fp32":
-        return {"weights": 4, "gradients": 4, "optimizer": 16 if distributed_optimizer else 8}
+        return {"weights": 4, "gradients": 4, "optimizer": 12 if distributed_optimizer else 8}
     return {"weights": BYTES_PER_PARAM[precision], "gradients": BYTES_PER_PARAM[grad_dtype],
             "optimizer": 12}
 
