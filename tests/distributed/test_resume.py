@@ -1,6 +1,7 @@
-"""Checkpoints are independent of the layout: train under tp2 pp2 (interleaved, vpp2), resume
-in one process, then under tp4; the losses (train and validation) continue as in one
-uninterrupted single-process run; every rank writes and reads only its own shards."""
+"""Checkpoints are independent of the layout: train under tp2 pp2 (interleaved, vpp2), resume in
+one process, then under tp4, then under tp2 x dp2 with the distributed optimizer; the losses
+(train and validation) continue as in one uninterrupted single-process run; every rank writes
+and reads only its own shards."""
 
 import numpy as np
 import torch
@@ -16,14 +17,14 @@ DATA = [(np.random.default_rng(i).integers(0, VOCAB) + np.arange(SEQ + 1) * (1 +
         for i in range(200)]
 
 
-def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1):
+def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1, zero=False):
     cfg = Config(
         model=ModelConfig(arch="gpt2", num_layers=4, hidden_size=32, num_heads=4,
                           vocab_size=VOCAB, make_vocab_size_divisible_by=1, seq_len=SEQ),
         train=TrainConfig(out_dir=str(out_dir), micro_batch_size=2, global_batch_size=8,
-                          max_steps=6, exit_at_step=exit_at_step, warmup_steps=1,
+                          max_steps=8, exit_at_step=exit_at_step, warmup_steps=1,
                           eval_interval=2, eval_iters=3, save_interval=100, lr=3e-3),
-        parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp),
+        parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, distributed_optimizer=zero),
     )
     trainer = Trainer.create(cfg, DATA, DATA[:50])
     if ckpt.find_latest(out_dir) is not None:
@@ -31,8 +32,8 @@ def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1):
     return trainer
 
 
-def _run_layout(rank, world, out_dir, tp, pp, exit_at_step, vpp=1):
-    make_trainer(out_dir, tp, pp, exit_at_step, vpp).run()
+def _run_layout(rank, world, out_dir, tp, pp, exit_at_step, vpp=1, zero=False):
+    make_trainer(out_dir, tp, pp, exit_at_step, vpp, zero).run()
 
 
 def test_resume_across_layouts(tmp_path):
@@ -41,10 +42,11 @@ def test_resume_across_layouts(tmp_path):
     spawn(_run_layout, 4, str(run), 2, 2, 2, 2)
     assert ckpt.find_latest(run).name == "step_00000002"
     make_trainer(run, exit_at_step=4).run()
-    spawn(_run_layout, 4, str(run), 4, 1, None)
+    spawn(_run_layout, 4, str(run), 4, 1, 6)
+    spawn(_run_layout, 4, str(run), 2, 1, None, 1, True)  # tp2 x dp2, ZeRO-1 shards
     expected = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     got = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 9))
     for want, have in zip(expected, got, strict=True):
         for key in ("loss", "val_loss", "grad_norm"):
             assert (key in want) == (key in have)
