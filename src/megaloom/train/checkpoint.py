@@ -142,7 +142,7 @@ def save_checkpoint(
             path = tmp / shard_file_name(rank)
             writer.write(path)
             mine = {path.name: file_entry(path)}
-    except OSError as exc:
+    except Exception as exc:  # every rank must reach the gather, whatever failed
         mine = f"rank {rank}: {exc}"
     entries = _gather(mine, world, group)
     outcome: list = [None]
@@ -174,11 +174,12 @@ def _finish_save(root: Path, name: str, tmp: Path, entries: list, config: Config
                 os.fsync(handle.fileno())
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps(dict(sorted(manifest.items())),
                                                           indent=2))
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
+        final, old = root / name, root / f".{name}.old.tmp"
+        if final.exists():  # the same step saved again: keep the old one until the new is in
+            os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         atomic_write_text(root / LATEST, name + "\n")
         prune_checkpoints(root, keep_last)
         return final
