@@ -154,6 +154,13 @@ class Block(nn.Module):
         return x + drop(self.mlp(self.mlp_norm(x)))
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialised (`reset_parameters` below sets every weight): on the
+    `meta` device, torch's own `normal_` init would load its Python meta kernels, ~75 MB of
+    modules (sympy among them) in every process that builds a shard."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class GPT(nn.Module):
     """A decoder-only transformer. `forward(tokens)` returns logits over the padded vocabulary."""
 
@@ -162,9 +169,9 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         vocab = config.padded_vocab_size
-        self.embed: nn.Embedding | None = nn.Embedding(vocab, config.hidden_size)
+        self.embed: nn.Embedding | None = _embedding(vocab, config.hidden_size)
         self.pos_embed: nn.Embedding | None = (
-            nn.Embedding(config.seq_len, config.hidden_size)
+            _embedding(config.seq_len, config.hidden_size)
             if config.position_embedding == "learned"
             else None
         )

@@ -31,6 +31,10 @@ def shard_tensor(full: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
     """This rank's slice of `full` along `dim`, zero-padded so every rank gets equal length."""
     length = full.shape[dim]
     local = math.ceil(length / axis.size)
+    if full.is_meta:  # only the shape exists (and torch's meta cat/strided clone would load
+        shape = list(full.shape)  # its Python meta kernels, ~75 MB, in every process)
+        shape[dim] = local
+        return full.new_empty(shape)
     if local * axis.size != length:
         pad_shape = list(full.shape)
         pad_shape[dim] = local * axis.size - length
