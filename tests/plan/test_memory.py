@@ -14,6 +14,7 @@ from megaloom.plan.memory import (
     layer_activation_bytes,
     output_activation_bytes,
     recompute_working_bytes,
+    stage_memory,
 )
 from megaloom.plan.params import parameters_per_gpu, stage_parameters
 
@@ -129,3 +130,17 @@ def test_verdict_does_not_fit():
     # ~3.3B parameters x 18 bytes > 32 GiB before any activation.
     assert plan.parameters * 18 > 32 * GIB
     assert not plan.fits
+
+
+def test_uneven_stages_hold_their_own_layers():
+    """5 layers on 2 stages split 3 + 2 (as the runtime does): the first stage keeps two
+    micro-batches of 3 layers, the last one micro-batch of 2."""
+    model = ModelConfig(arch="gpt2", num_layers=5, hidden_size=64, num_heads=4, seq_len=32,
+                        vocab_size=128)
+    layout = Layout(gpus=2, pp=2, micro_batch=1, global_batch=8).validate(model)
+    per_layer = layer_activation_bytes(model, 32, 1, 1, False, "none")
+    stages = stage_parameters(model, 2)
+    assert [s.num_layers for s in stages] == [3, 2]
+    first, last = (stage_memory(model, layout, s, 0.0) for s in stages)
+    assert first.activations == pytest.approx(2 * 3 * per_layer)
+    assert last.activations == pytest.approx(1 * 2 * per_layer)

@@ -28,12 +28,13 @@ even when dropout is 0, and the s^2 scores are counted although fused (flash) at
 not store them: an upper bound, like the paper's. RoPE tables are negligible and ignored.
 
 Pipeline: stage i of p holds the activations of the micro-batches it has started but not
-finished. Under 1F1B that is min(p - i, m) micro-batches of L/p layers (p on the first stage,
-so L layers' worth); interleaved with v chunks, 2(p - i - 1) + (v - 1)p + 1 chunks of L/(pv)
-layers (Megatron's warm-up count), i.e. L (1 + (p - 1)/(pv)) on the first stage. The last
-stage also holds the head's inputs 4sbh (/t with sequence parallel) and fp32 logits for the
-loss, 4sbV/t. With recomputation, one layer's recomputed activations are live during its
-backward pass and are added as a working set. The embedding's 1-byte dropout mask is ignored.
+finished. Under 1F1B that is min(p - i, m) micro-batches of the stage's L/p layers (its own
+count when p does not divide L; p micro-batches on the first stage, so L layers' worth);
+interleaved with v chunks, 2(p - i - 1) + (v - 1)p + 1 chunks of L/(pv) layers (Megatron's
+warm-up count), i.e. L (1 + (p - 1)/(pv)) on the first stage. The last stage also holds the
+head's inputs 4sbh (/t with sequence parallel) and fp32 logits for the loss, 4sbV/t. With
+recomputation, one layer's recomputed activations are live during its backward pass and are
+added as a working set. The embedding's 1-byte dropout mask is ignored.
 """
 
 from __future__ import annotations
@@ -92,10 +93,12 @@ def recompute_working_bytes(model: ModelConfig, seq_len: int, micro_batch: int, 
 
 
 def inflight_layers(num_layers: int, pp: int, vpp: int, num_micro_batches: int,
-                    stage: int) -> float:
-    """Layers' worth of one micro-batch's activations that pipeline `stage` holds at its peak."""
+                    stage: int, stage_layers: int | None = None) -> float:
+    """Layers' worth of one micro-batch's activations that pipeline `stage` holds at its peak
+    (`stage_layers`: the stage's own layer count when the split is uneven)."""
     if vpp == 1:
-        return min(pp - stage, num_micro_batches) * num_layers / pp
+        per_stage = num_layers / pp if stage_layers is None else stage_layers
+        return min(pp - stage, num_micro_batches) * per_stage
     chunks = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, num_micro_batches * vpp)
     return chunks * num_layers / (pp * vpp)
 
@@ -153,7 +156,7 @@ def stage_memory(model: ModelConfig, layout: Layout, stage: StageParams,
     optimizer_shards = layout.dp if layout.distributed_optimizer else 1
     args = (model, model.seq_len, layout.micro_batch, layout.tp, layout.sequence_parallel)
     layers = inflight_layers(model.num_layers, layout.pp, layout.vpp,
-                             layout.num_micro_batches, stage.stage)
+                             layout.num_micro_batches, stage.stage, stage.num_layers)
     last = stage.stage == layout.pp - 1
     return StageMemory(
         stage=stage.stage,
