@@ -202,7 +202,7 @@ class ParallelOptimizer:
                         if topo.dp > 1 and not distributed else None)
         if distributed:
             groups = [{**g, "params": [s.shard]} for g, s in zip(groups, self.shards, strict=True)]
-        self.optimizer = torch.optim.AdamW(  # fused, like `train.optim.build_optimizer`
+        self.optimizer = torch.optim.AdamW(  # PyTorch's fused kernel: one pass per step
             groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, fused=True)
 
