@@ -20,6 +20,8 @@ read through the same `read(key, box)`, as one full chunk per tensor.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import math
 import struct
@@ -105,8 +107,9 @@ class ShardWriter:
         self.index[name] = {"key": key, "shape": list(global_shape),
                             "offsets": [lo for lo, _ in box]}
 
-    def write(self, path: Path) -> None:
-        """Stream the chunks into `path` in the safetensors layout."""
+    def write(self, path: Path) -> dict[str, int | str]:
+        """Stream the chunks into `path` in the safetensors layout; return the file's size and
+        SHA-256 (hashed while writing, so the file is not read back)."""
         header: dict = {"__metadata__": {CHUNKS_METADATA: json.dumps(self.index)}}
         offset = 0
         for name, tensor in self.tensors.items():
@@ -116,12 +119,17 @@ class ShardWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned
+        digest, size = hashlib.sha256(), 0
         with open(path, "wb") as handle:
-            handle.write(struct.pack("<Q", len(encoded)))
-            handle.write(encoded)
-            for tensor in self.tensors.values():
-                data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                handle.write(memoryview(data.numpy()))
+            prefix = struct.pack("<Q", len(encoded)) + encoded
+            pieces = itertools.chain([prefix], (  # one tensor's bytes at a time
+                memoryview(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+                for t in self.tensors.values()))
+            for piece in pieces:
+                handle.write(piece)
+                digest.update(piece)
+                size += len(piece)
+        return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 @dataclass

@@ -136,10 +136,10 @@ def export_hf(
     else:
         state, weights_dtype = model, dtype or getattr(model, "dtype", torch.float32)
     hf_config_from_model(model_config, weights_dtype)  # refuse before touching anything
-    shapes = {k: torch.empty(v, device="meta") for k, v in getattr(state, "shapes", {}).items()}
-    shapes = shapes or {k: torch.empty(v.shape, device="meta") for k, v in state.items()}
-    sizes = {name: t.numel() * weights_dtype.itemsize
-             for name, t in iter_megaloom_to_hf(shapes, model_config)}
+    shapes = getattr(state, "shapes", None) or {k: v.shape for k, v in state.items()}
+    meta_state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    sizes = {name: t.numel() * weights_dtype.itemsize  # planned from shapes, nothing read
+             for name, t in iter_megaloom_to_hf(meta_state, model_config)}
     tensors = ((name, t.to(weights_dtype)) for name, t in iter_megaloom_to_hf(state, model_config))
     with atomic_dir(out_dir) as tmp:
         token_ids = {}

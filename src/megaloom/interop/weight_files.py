@@ -109,11 +109,7 @@ def _safetensors_shards(directory: Path) -> list[Path]:
     if not (directory / INDEX_NAME).is_file():
         return [directory / WEIGHTS_NAME]
     index_path = directory / INDEX_NAME
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid weights index ({exc})") from exc
-    files = [directory / shard for shard in sorted(set(weight_map.values()))]
+    files = [directory / shard for shard in sorted(set(_weight_map(index_path).values()))]
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{index_path}: shard {path.name} is missing")
@@ -144,12 +140,17 @@ _FORMATS = ((WEIGHTS_NAME, INDEX_NAME, _read_safetensors),
             (BIN_WEIGHTS_NAME, BIN_INDEX_NAME, _read_bin))
 
 
-def _read_sharded(index_path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]
-                  ) -> dict[str, torch.Tensor]:
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """Tensor name -> shard file of a `*.index.json`."""
     try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        return json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: not a valid weights index ({exc})") from exc
+
+
+def _read_sharded(index_path: Path, reader: Callable[[Path], dict[str, torch.Tensor]]
+                  ) -> dict[str, torch.Tensor]:
+    weight_map = _weight_map(index_path)
     tensors: dict[str, torch.Tensor] = {}
     shards = sorted(set(weight_map.values()))
     for shard in tqdm(shards, desc="reading shards", unit="shard", disable=None):

@@ -140,8 +140,7 @@ def save_checkpoint(
         mine: dict | str = {}
         if writer.tensors:
             path = tmp / shard_file_name(rank)
-            writer.write(path)
-            mine = {path.name: file_entry(path)}
+            mine = {path.name: writer.write(path)}
     except Exception as exc:  # every rank must reach the gather, whatever failed
         mine = f"rank {rank}: {exc}"
     entries = _gather(mine, world, group)
@@ -345,13 +344,15 @@ def open_checkpoint(spec: str | Path) -> OpenCheckpoint:
     config = load_config_file(directory)
     state = (_read(directory / STATE_FILE, lambda p: json.loads(p.read_text()))
              if (directory / STATE_FILE).is_file() else {})
+    checked: set[Path] = set()
     if (directory / MODEL_FILE).is_file():
         store = _legacy_store(directory, manifest)
+        checked.add(directory / MODEL_FILE)
         legacy = _read_legacy_optimizer(directory, manifest, config.model, store)
         state = {**state, **legacy}
     else:
         store = index_shards(directory)
-    store.on_first_read = lambda path: check_file(path, manifest)
+    store.on_first_read = lambda path: path in checked or check_file(path, manifest)
     return OpenCheckpoint(directory, config, state, store)
 
 
@@ -476,13 +477,6 @@ def check_file(path: Path, manifest: dict[str, dict]) -> None:
         raise CheckpointError(f"{path.name} is not in {path.parent / MANIFEST_FILE}")
     if path.stat().st_size != info["bytes"] or _sha256(path) != info["sha256"]:
         raise CheckpointError(f"{path} is corrupted (size or checksum differs)")
-
-
-def verify_manifest(directory: Path) -> None:
-    """Check every file of a checkpoint against its manifest."""
-    manifest = read_manifest(directory)
-    for name in manifest:
-        check_file(directory / name, manifest)
 
 
 def _sha256(path: Path) -> str:
