@@ -47,6 +47,8 @@ class ModelConfig:
 
     `arch` fills every flavour field left as None: `gpt2` (learned positions, LayerNorm, GELU,
     biases, tied embeddings) or `llama` (RoPE, RMSNorm, SwiGLU, no biases, untied).
+    `num_labels` > 0 makes a sequence classifier: the head maps the hidden state to that many
+    label scores (never tied to the embedding) instead of to the vocabulary.
     `init_from` starts training from existing weights (a megaloom checkpoint or `hf:DIR`); the
     shape then comes from that checkpoint and only `dropout` is taken from this config.
     """
@@ -69,6 +71,7 @@ class ModelConfig:
     activation: Literal["gelu_tanh", "gelu", "swiglu"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
+    num_labels: int = 0
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +91,16 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         multiple = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def tied_head(self) -> bool:
+        """Whether the output head is the token embedding (a language model with tied weights)."""
+        return bool(self.tie_embeddings) and self.num_labels == 0
+
+    @property
+    def head_size(self) -> int:
+        """Outputs of the head: the padded vocabulary, or the labels of a classifier."""
+        return self.num_labels or self.padded_vocab_size
 
     def validate(self) -> None:
         _require(self.num_layers >= 1, "model.num_layers", "must be >= 1")
@@ -114,6 +127,7 @@ class ModelConfig:
                  "must be >= 1")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+        _require(self.num_labels >= 0, "model.num_labels", "must be >= 0 (0: language model)")
 
 
 def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
@@ -210,14 +224,83 @@ class ParallelConfig:
                  "in a collective before failing)")
 
 
+LORA_TARGETS = ("qkv", "proj", "up", "gate", "down")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA): `rank` 0 trains every weight (full fine-tuning); `rank` > 0
+    freezes the model and trains `B @ A` (scaled by `alpha / rank`) beside each `targets`
+    projection (`qkv`, `proj`, `up`, `gate`, `down`)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self) -> None:
+        _require(self.rank >= 0, "task.lora.rank", "must be >= 0 (0: full fine-tuning)")
+        _require(self.alpha > 0, "task.lora.alpha", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "task.lora.dropout", "must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        _require(not unknown, "task.lora.targets",
+                 f"unknown module(s) {unknown}; choose from {', '.join(LORA_TARGETS)}")
+        _require(bool(self.targets), "task.lora.targets", "must name at least one module")
+
+
+@dataclass
+class TaskConfig:
+    """What the trainer optimises. `lm`: next-token pretraining on `data.prefixes`. `sft`:
+    supervised fine-tuning on JSONL `prompt_field`/`response_field` pairs or chat
+    `messages_field` lists (loss on the response and its end token only). `classify`: a
+    sequence classifier on JSONL `text_field`/`label_field` (`labels` is filled from the
+    training data and saved with the model).
+
+    `template`: how SFT prompts are written: `auto` renders `messages` with the tokenizer's
+    chat template (megaloom's default when it has none) and uses `prompt` text as is;
+    `tokenizer` requires the tokenizer's own template; `default` always megaloom's; `none`
+    never renders. `pack` puts several samples in one row (positions restart, no attention
+    across samples). Samples longer than `model.seq_len` are cut (`overlong: truncate`, the
+    prompt loses its start) or are an error (`reject`). `epochs` sets `train.max_steps`.
+    """
+
+    name: Literal["lm", "sft", "classify"] = "lm"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    text_field: str = "text"
+    label_field: str = "label"
+    template: Literal["auto", "tokenizer", "default", "none"] = "auto"
+    pack: bool = True
+    overlong: Literal["truncate", "reject"] = "truncate"
+    epochs: float | None = None
+    labels: list[str] = field(default_factory=list)
+    class_weights: list[float] = field(default_factory=list)
+    eval_samples: int = 8
+    max_new_tokens: int = 64
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        self.lora.validate()
+        _require(self.epochs is None or self.epochs > 0, "task.epochs", "must be > 0")
+        _require(self.eval_samples >= 0, "task.eval_samples", "must be >= 0")
+        _require(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")
+        _require(all(w > 0 for w in self.class_weights), "task.class_weights",
+                 "every weight must be > 0")
+        _require(not self.class_weights or len(self.class_weights) == len(self.labels)
+                 or not self.labels, "task.class_weights",
+                 f"{len(self.class_weights)} weights for {len(self.labels)} labels")
+
+
 @dataclass
 class Config:
-    """A whole run: model, data, training and parallel layout."""
+    """A whole run: model, data, training, parallel layout and task."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> Config:
         """Check every section, then the layout against the model (`layout_rules`; dp is
@@ -227,6 +310,10 @@ class Config:
         self.model.validate()
         self.train.validate()
         self.parallel.validate()
+        self.task.validate()
+        _require((self.task.name == "classify") == (self.model.num_labels > 0),
+                 "model.num_labels", f"is {self.model.num_labels} for task.name="
+                 f"{self.task.name!r} (only a classifier has labels)")
         par, train = self.parallel, self.train
         spec = LayoutSpec(tp=par.tp, pp=par.pp, vpp=par.vpp, dp=None,
                           sequence_parallel=par.sequence_parallel,
@@ -397,8 +484,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LoraConfig",
     "ModelConfig",
     "ParallelConfig",
+    "TaskConfig",
     "TrainConfig",
     "config_from_dict",
     "load_config",

@@ -43,7 +43,7 @@ DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16
 
 def stored_name(name: str, config: ModelConfig) -> str:
     """The key a model parameter is stored under: a tied head is the token embedding."""
-    return "embed.weight" if config.tie_embeddings and name == "lm_head.weight" else name
+    return "embed.weight" if config.tied_head and name == "lm_head.weight" else name
 
 
 def shard_file_name(rank: int) -> str:

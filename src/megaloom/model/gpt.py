@@ -178,8 +178,9 @@ class GPT(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
         self.final_norm: nn.Module | None = make_norm(config)
-        self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, vocab, bias=False)
-        if config.tie_embeddings:
+        self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.head_size,
+                                                   bias=False)
+        if config.tied_head:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -207,7 +208,8 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Token ids (batch, seq) -> logits (batch, seq, padded_vocab).
+        """Token ids (batch, seq) -> logits (batch, seq, padded_vocab), or label scores
+        (batch, seq, num_labels) for a classifier (the task pools them).
 
         A pipeline stage without `embed` takes hidden states (batch, seq, hidden) instead of
         ids, and one without `lm_head` returns hidden states. `last_only` keeps only the last

@@ -59,7 +59,7 @@ def parallelize(
                  getattr(model, "activation_checkpointing", False))
     cfg, axis = model.config, topo.tp_axis
     sp = sequence_parallel and topo.tp > 1
-    tied = cfg.tie_embeddings
+    tied = cfg.tied_head
     split_stage(model, topo, vpp)
     for block in model.layers.values():
         attn, mlp = block.attn, block.mlp

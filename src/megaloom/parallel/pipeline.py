@@ -5,7 +5,8 @@ function runs one stage (pp=1: forward then backward per micro-batch) or many, t
 normalised by a global token count, tied embeddings stay plain parameters and gloo works.
 Stage `i` owns a contiguous block of layers; the first also owns the embeddings, the last the
 final norm and the head. Activations crossing stages keep their tp layout (sequence shards
-under sequence parallelism), and every stage gets the full `positions` (RoPE needs them).
+under sequence parallelism), and every stage gets the full `positions` (RoPE needs them) and
+the micro-batch's `attn_mask`, if any.
 """
 
 from __future__ import annotations
@@ -77,9 +78,13 @@ class _P2P:
 
 
 def _stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
-    tokens = batch["tokens"]
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-    return model(inputs, positions=positions)
+    """One stage's forward of a micro-batch: the batch's own `positions` and `attn_mask` when
+    its task gives them (packed samples), else 0.. seq-1 and plain causal attention."""
+    positions = batch.get("positions")
+    if positions is None:
+        tokens = batch["tokens"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    return model(inputs, positions=positions, attn_mask=batch.get("attn_mask"))
 
 
 @torch.no_grad()

@@ -90,7 +90,7 @@ def position_embedding_parameters(model: ModelConfig) -> int:
 
 def count_parameters(model: ModelConfig) -> int:
     """Distinct parameters of the whole model (a tied head counts once)."""
-    head = 0 if model.tie_embeddings else word_embedding_parameters(model)
+    head = 0 if model.tied_head else model.head_size * model.hidden_size
     return (
         word_embedding_parameters(model)
         + position_embedding_parameters(model)

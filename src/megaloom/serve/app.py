@@ -16,10 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from megaloom.data.chat_template import ChatTemplate
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.infer import Engine
 from megaloom.serve import chat, completions, megatron_api, tokenizer_routes
-from megaloom.serve.chat_template import ChatTemplate
 from megaloom.serve.driver import EngineDriver
 from megaloom.serve.errors import error_response, install_error_handlers
 from megaloom.serve.generation import ServeContext

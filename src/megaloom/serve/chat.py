@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from megaloom.data.chat_template import ChatTemplateError
 from megaloom.infer import TokenLogprob
 from megaloom.serve.driver import Job
 from megaloom.serve.errors import APIError
@@ -45,7 +46,11 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
         raise APIError(400, "stream_options: only allowed with stream=true",
                        param="stream_options", code="invalid_value")
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt = ctx.tokenizer.encode(ctx.chat_template.render(messages))
+    try:
+        prompt = ctx.tokenizer.encode(ctx.chat_template.render(messages))
+    except ChatTemplateError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages",
+                       code="chat_template_error") from None
     max_tokens = body.max_completion_tokens
     if max_tokens is None:
         max_tokens = body.max_tokens

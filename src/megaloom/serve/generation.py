@@ -20,9 +20,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from megaloom.data.chat_template import ChatTemplate
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.infer import RequestOutput, SamplingError, SamplingParams
-from megaloom.serve.chat_template import ChatTemplate
 from megaloom.serve.driver import EngineDriver, Job
 from megaloom.serve.errors import APIError
 

@@ -75,7 +75,7 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq")
 def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The model's weights with a tied `lm_head.weight` dropped (it is `embed.weight`)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
+    if model.config.tied_head:
         state.pop("lm_head.weight", None)
     return state
 

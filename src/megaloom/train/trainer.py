@@ -22,12 +22,11 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -44,7 +43,6 @@ from megaloom.parallel.build import (
     write_weights,
 )
 from megaloom.parallel.data_parallel import ParallelOptimizer
-from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import check_layout
 from megaloom.parallel.pipeline import forward_backward, forward_only
 from megaloom.parallel.pipeline_interleaved import (
@@ -58,6 +56,7 @@ from megaloom.parallel.topology import (
     describe_collective_failure,
     is_collective_failure,
 )
+from megaloom.tasks import LanguageModelTask, Task
 from megaloom.train import checkpoint as ckpt
 from megaloom.train.checkpoint import restore_rng_state
 from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
@@ -67,21 +66,6 @@ from megaloom.utils.device import resolve_device
 from megaloom.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MicroBatch:
-    """Inputs, next-token targets and a mask of the positions that count in the loss."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    loss_mask: torch.Tensor
-
-    @classmethod
-    def from_samples(cls, samples: Sequence[np.ndarray], device: torch.device) -> MicroBatch:
-        tokens = torch.from_numpy(np.stack(samples).astype(np.int64)).to(device)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        return cls(inputs, targets, torch.ones_like(targets, dtype=torch.float32))
 
 
 @dataclass
@@ -95,8 +79,9 @@ class TrainResult:
 
 class Trainer:
     """Train this rank's `model` shard on `train_data` as `config.train` says, writing into
-    `config.train.out_dir`. Datasets are indexable sequences of int64 arrays of `seq_len + 1`
-    tokens. Build one with `create` (or `megaloom.train.run.build_trainer`)."""
+    `config.train.out_dir`. Datasets are indexable sequences of whatever `task` batches
+    (default: language modelling on int64 arrays of `seq_len + 1` tokens). Build one with
+    `create` (or `megaloom.train.run.build_trainer`)."""
 
     def __init__(
         self,
@@ -104,11 +89,13 @@ class Trainer:
         topo: Topology,
         model: GPT,
         optimizer: ParallelOptimizer,
-        train_data: Sequence[np.ndarray],
-        valid_data: Sequence[np.ndarray] | None,
+        train_data: Sequence,
+        valid_data: Sequence | None,
         tokenizer_path: str | Path | None,
+        task: Task | None = None,
     ):
         self.config = config
+        self.task = task or LanguageModelTask(config.model.vocab_size)
         self.cfg = config.train
         self.topo = topo
         self.device = topo.device
@@ -136,15 +123,18 @@ class Trainer:
     def create(
         cls,
         config: Config,
-        train_data: Sequence[np.ndarray],
-        valid_data: Sequence[np.ndarray] | None,
+        train_data: Sequence,
+        valid_data: Sequence | None,
         tokenizer_path: str | Path | None = None,
         topo: Topology | None = None,
         source: TensorSource | None = None,
+        task: Task | None = None,
+        adapt=None,
     ) -> Trainer:
         """This rank's trainer for `config.parallel` on `topo` (default: the process group
         or a single process): the layout is checked, the shard built from `source` (default:
-        the fresh initialisation for `train.seed`) and its optimizer made."""
+        the fresh initialisation for `train.seed`) and its optimizer made. `adapt(model,
+        topo)`, when given, changes the shard before the optimizer sees it (LoRA adapters)."""
         topo = topo or Topology.build(config.parallel.tp, config.parallel.pp,
                                       resolve_device(config.train.device))
         try:
@@ -160,9 +150,11 @@ class Trainer:
         model = build_shard(config.model, topo, source or InitSource(config.model,
                                                                      config.train.seed),
                             sp, tracker, config.parallel.vpp)
+        if adapt is not None:
+            adapt(model, topo)
         optimizer = ParallelOptimizer(model, topo, config.train,
                                       config.parallel.distributed_optimizer)
-        return cls(config, topo, model, optimizer, train_data, valid_data, tokenizer_path)
+        return cls(config, topo, model, optimizer, train_data, valid_data, tokenizer_path, task)
 
     # ------------------------------------------------------------------ state
 
@@ -225,21 +217,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def micro_batches(self, step: int) -> list[MicroBatch]:
-        """This dp rank's contiguous share of global batch `step`."""
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This dp rank's contiguous share of global batch `step`, batched by the task."""
         cfg, mbs = self.cfg, self.cfg.micro_batch_size
         start = step * cfg.global_batch_size + self.topo.dp_axis.rank * self.accumulation * mbs
-        return [MicroBatch.from_samples([self.train_data[start + j * mbs + k]
-                                         for k in range(mbs)], self.device)
+        return [self.task.batch([self.train_data[start + j * mbs + k] for k in range(mbs)],
+                                self.device)
                 for j in range(self.accumulation)]
 
-    def _as_dicts(self, batches: list[MicroBatch]) -> list[dict[str, torch.Tensor]]:
-        return [{"tokens": mb.inputs, "targets": mb.targets, "loss_mask": mb.loss_mask}
-                for mb in batches]
-
-    def _loss_sum(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return parallel_lm_loss(logits, batch["targets"], self.topo.tp_axis,
-                                self.config.model.vocab_size, batch["loss_mask"])
+    def _loss_sum(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.task.loss_sum(output, batch, self.topo.tp_axis)
 
     def _global_sum(self, *values: float | torch.Tensor) -> list[float]:
         """Sum over dp replicas and pipeline stages (values live on the last stage)."""
@@ -258,15 +245,20 @@ class Trainer:
         """Whether this process writes metrics, plots and progress (rank 0 of a torchrun job)."""
         return self.topo.rank == 0
 
-    def loss_and_gradients(self, batches: list[MicroBatch], loss_scale: float) -> float:
-        """Forward and backward over one global batch; return the mean loss per counted token."""
-        local = float(sum(mb.loss_mask.sum().item() for mb in batches))
+    def loss_and_gradients(self, batches: list[dict[str, torch.Tensor]],
+                           loss_scale: float) -> float:
+        """Forward and backward over one global batch; return the mean loss per counted unit
+        (trained token, or row for classification)."""
+        local = sum(self.task.count(batch) for batch in batches)
         (count,) = self._global_sum(local if self.topo.is_last_stage else 0.0)
+        if count <= 0:
+            raise MegaloomError(f"step {self.step + 1}: the global batch has no trained token "
+                                "(every loss-mask entry is 0); check the task's data")
         schedule = (partial(interleaved_forward_backward, vpp=self.vpp) if self.vpp > 1
                     else forward_backward)
         self.optimizer.start_backward(len(batches))
         total = schedule(
-            self.model, self._as_dicts(batches), self.topo,
+            self.model, batches, self.topo,
             lambda logits, batch: self._loss_sum(logits, batch) / count,
             sequence_parallel=self.sequence_parallel, loss_scale=loss_scale,
             forward_context=self._forward_context)
@@ -308,7 +300,7 @@ class Trainer:
             self.scaler.update(skipped)
         self.step += 1
         elapsed = time.perf_counter() - started
-        tokens = sum(mb.inputs.numel() for mb in batches) * self.topo.dp
+        tokens = sum(batch["tokens"].numel() for batch in batches) * self.topo.dp
         record = {
             "step": self.step,
             "loss": loss,
@@ -323,24 +315,60 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self, data: Sequence[np.ndarray] | None = None) -> float | None:
-        """Mean loss per token over the first `eval_iters` micro-batches of the valid split."""
+    def evaluate(self, data: Sequence | None = None) -> float | None:
+        """Mean loss per counted unit over the first `eval_iters` micro-batches of the valid
+        split."""
         data = self.valid_data if data is None else data
         if data is None:
             return None
+        batches = self._eval_batches(data, self.cfg.eval_iters)
+        total = self._forward_only(batches, self._loss_sum)
+        units = sum(self.task.count(batch) for batch in batches)
+        total, units = self._global_sum(total, units if self.topo.is_last_stage else 0.0)
+        return total / units if units else None
+
+    @torch.no_grad()
+    def predict(self, data: Sequence, outputs: Callable) -> list:
+        """`outputs(stage_output, batch)` -> one item per row, for every row of `data`, in
+        order, on every rank (the last micro-batch is filled up with copies of the last row,
+        whose items are dropped). Collective."""
+        mbs = self.cfg.micro_batch_size
+        count = -(-len(data) // mbs)
+        padded = list(data)
+        padded += [padded[-1]] * (count * mbs - len(padded))
+        batches = self._eval_batches(padded, count)
+        mine: list = []
+
+        def collect(output, batch):
+            mine.append(outputs(output, batch))
+            return torch.zeros((), device=self.device)
+
+        self._forward_only(batches, collect)
+        rows = []
+        gathered = [mine]
+        if self.topo.world_size > 1:
+            gathered = [None] * self.topo.world_size
+            dist.all_gather_object(gathered, mine if self.topo.is_last_stage
+                                   and self.topo.tp_axis.rank == 0 else None)
+        per_dp = [g for g in gathered if g is not None]  # last-stage tp-0 ranks, dp order
+        for index in range(count):  # micro-batch i lives on dp rank i % dp, as its (i // dp)th
+            rows.extend(per_dp[index % len(per_dp)][index // len(per_dp)])
+        return rows[:len(data)]
+
+    def _eval_batches(self, data: Sequence, limit: int) -> list[dict[str, torch.Tensor]]:
+        """This dp rank's round-robin share of the first `limit` micro-batches of `data`."""
         self.model.eval()
         mbs, dp = self.cfg.micro_batch_size, self.topo.dp_axis
-        count = min(self.cfg.eval_iters, len(data) // mbs)
-        batches = [MicroBatch.from_samples([data[i * mbs + k] for k in range(mbs)], self.device)
-                   for i in range(dp.rank, count, dp.size)]
+        count = min(limit, len(data) // mbs)
+        return [self.task.batch([data[i * mbs + k] for k in range(mbs)], self.device)
+                for i in range(dp.rank, count, dp.size)]
+
+    def _forward_only(self, batches: list[dict[str, torch.Tensor]], loss_fn) -> torch.Tensor:
         schedule = (partial(interleaved_forward_only, vpp=self.vpp) if self.vpp > 1
                     else forward_only)
-        total = schedule(self.model, self._as_dicts(batches), self.topo, self._loss_sum,
-                         sequence_parallel=self.sequence_parallel,
-                         forward_context=self._forward_context)
-        tokens = sum(mb.loss_mask.sum().item() for mb in batches)
-        total, tokens = self._global_sum(total, tokens if self.topo.is_last_stage else 0.0)
-        return total / tokens if tokens else None
+        return schedule(self.model, batches, self.topo, loss_fn,
+                        sequence_parallel=self.sequence_parallel,
+                        forward_context=self._forward_context)
 
     # ------------------------------------------------------------------ loop
 

@@ -1,6 +1,8 @@
 """Chat messages -> prompt text: the tokenizer's own chat template, or megaloom's default.
 
-Owns `ChatTemplate`. A Hugging Face checkpoint's `tokenizer_config.json` (beside
+Owns `ChatTemplate`, the one renderer `megaloom serve` (chat completions) and `megaloom
+finetune --task sft` (training prompts) share, so a model is trained on the prompts it is
+served. A Hugging Face checkpoint's `tokenizer_config.json` (beside
 `tokenizer.json`) may carry a Jinja `chat_template`; it is rendered in Jinja's sandbox with
 `messages`, `add_generation_prompt=True`, `bos_token` and `eos_token`, as `transformers`
 does. Without one, `DEFAULT_TEMPLATE` writes each message as `Role: content` followed by a
@@ -17,7 +19,7 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from megaloom.serve.errors import APIError
+from megaloom.errors import MegaloomError
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,17 @@ DEFAULT_TEMPLATE = (
 )
 
 
+class ChatTemplateError(MegaloomError):
+    """The chat template refused the messages (its `raise_exception`, or a rendering error)."""
+
+
 class ChatTemplate:
     def __init__(self, source: str = DEFAULT_TEMPLATE, bos_token: str | None = None,
                  eos_token: str | None = None):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self.source = source
+        self.is_default = source == DEFAULT_TEMPLATE
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._template = env.from_string(source)
@@ -59,8 +66,7 @@ class ChatTemplate:
                                          bos_token=self.bos_token or "",
                                          eos_token=self.eos_token or "")
         except TemplateError as exc:
-            raise APIError(400, f"messages: the chat template refused them: {exc}",
-                           param="messages", code="chat_template_error") from None
+            raise ChatTemplateError(f"the chat template refused the messages: {exc}") from None
 
 
 def _raise(message: str) -> None:
