@@ -311,7 +311,7 @@ class Config:
         self.train.validate()
         self.parallel.validate()
         self.task.validate()
-        _require((self.task.name == "classify") == (self.model.num_labels > 0),
+        _require(self.model.num_labels == 0 or self.task.name == "classify",
                  "model.num_labels", f"is {self.model.num_labels} for task.name="
                  f"{self.task.name!r} (only a classifier has labels)")
         par, train = self.parallel, self.train

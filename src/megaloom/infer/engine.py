@@ -163,6 +163,10 @@ class Engine:
                  packed_head: bool | None = None):
         if max_batch_size < 1:
             raise SamplingError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
+        if model.config.num_labels:
+            raise SamplingError(f"this model is a sequence classifier ({model.config.num_labels}"
+                                " labels): it scores texts and cannot generate; use "
+                                "`megaloom finetune --task classify` metrics or convert it")
         model.eval()
         param = next(model.parameters())
         config = model.config

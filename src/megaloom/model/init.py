@@ -13,7 +13,8 @@ blocks bound the peak below the largest parameter as well (MT-NLG's embedding is
 
 Values follow GPT-2/Megatron: N(0, init_std) for matrices and embeddings, init_std /
 sqrt(2 * num_layers) for the residual projections (`attn.proj`, `mlp.down`), zero biases, unit
-norm weights, and zero rows for the padded vocabulary of the token embedding.
+norm weights, and zero rows for the padded vocabulary of the token embedding. LoRA factors:
+`lora_A` N(0, 1/sqrt(in)), `lora_B` zeros (an untrained adapter changes nothing).
 """
 
 from __future__ import annotations
@@ -44,10 +45,13 @@ def block_seed(seed: int, name: str, block: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def init_rule(name: str, config: ModelConfig) -> float | str:
-    """'zeros', 'ones', or the standard deviation of the normal draw for parameter `name`."""
-    if name.endswith(".bias"):
+def init_rule(name: str, config: ModelConfig, shape: tuple[int, ...] = ()) -> float | str:
+    """'zeros', 'ones', or the standard deviation of the normal draw for parameter `name` of
+    full `shape`."""
+    if name.endswith((".bias", ".lora_B")):
         return "zeros"
+    if name.endswith(".lora_A"):
+        return 1.0 / math.sqrt(shape[1])
     if "norm." in name:
         return "ones"
     if name.endswith(RESIDUAL_PROJECTIONS):
@@ -60,7 +64,7 @@ def initial_values(name: str, shape: tuple[int, ...] | torch.Size, config: Model
     """The fp32 initial values of `box` (default: all) of parameter `name` of full `shape`."""
     shape = tuple(shape)
     box = full_box(shape) if box is None else box
-    rule = init_rule(name, config)
+    rule = init_rule(name, config, shape)
     if rule == "zeros":
         return torch.zeros(box_shape(box))
     if rule == "ones":

@@ -312,10 +312,14 @@ class OpenCheckpoint:
 
 class LazyState(Mapping):
     """A checkpoint's weights as the plain model's state dict whose tensors are read, whole,
-    only when looked up (a tied head reads the embedding): for streaming conversions."""
+    only when looked up (a tied head reads the embedding; LoRA adapters are merged): for
+    streaming conversions."""
 
     def __init__(self, checkpoint: OpenCheckpoint):
+        from megaloom.finetune.lora import merged_source
+
         self.checkpoint = checkpoint
+        self.source = merged_source(checkpoint, checkpoint.config)
         with torch.device("meta"):
             plain = GPT(checkpoint.config.model)
         self.shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
@@ -323,8 +327,8 @@ class LazyState(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         shape = self.shapes[name]
-        return self.checkpoint.read(stored_name(name, self.checkpoint.config.model), shape,
-                                    full_box(shape))
+        return self.source.read(stored_name(name, self.checkpoint.config.model), shape,
+                                full_box(shape))
 
     def __iter__(self):
         return iter(self.shapes)
@@ -402,8 +406,8 @@ def plain_order(config: ModelConfig) -> list[list[str]]:
 
 def open_weights(spec: str | Path) -> tuple[Config, Path | None, object]:
     """(config, tokenizer path, `TensorSource` of the weights) of anything `load_model`
-    accepts; a megaloom checkpoint is read box by box (each rank reads only its slices), a
-    Hugging Face directory parameter by parameter."""
+    accepts; a megaloom checkpoint is read box by box (each rank reads only its slices, LoRA
+    adapters merged in), a Hugging Face directory parameter by parameter."""
     text = str(spec)
     if text.startswith("hf:"):
         from megaloom.interop.hf import HFSource, hf_model_config
@@ -411,8 +415,10 @@ def open_weights(spec: str | Path) -> tuple[Config, Path | None, object]:
         config, tokenizer = hf_model_config(text[3:])
         return config, (Path(tokenizer) if tokenizer else None), HFSource(text[3:],
                                                                           config.model)
+    from megaloom.finetune.lora import merged_source
+
     checkpoint = open_checkpoint(spec)
-    return checkpoint.config, checkpoint.tokenizer, checkpoint
+    return checkpoint.config, checkpoint.tokenizer, merged_source(checkpoint, checkpoint.config)
 
 
 def load_model(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from megaloom.errors import MegaloomError
 from megaloom.parallel.build import TensorSource
 from megaloom.parallel.topology import Topology, init_distributed
 from megaloom.plan.params import count_parameters
+from megaloom.tasks import Task
 from megaloom.train import checkpoint as ckpt
 from megaloom.train.trainer import Trainer
 from megaloom.utils.device import resolve_device
@@ -80,9 +83,21 @@ def sample_counts(config: Config) -> tuple[int, int, int]:
     return train.max_steps * train.global_batch_size, eval_samples, 0
 
 
-def prepare_run(config: Config) -> tuple[TensorSource | None, object, object]:
-    """Data (index caches built on first use), tokenizer and `model.init_from`: returns
-    (weights source or None, train dataset, valid dataset)."""
+@dataclass
+class Prepared:
+    """Everything a rank needs before its trainer is built: where the weights come from
+    (None: fresh), the datasets, the task (None: language modelling) and a hook that changes
+    the built shard (LoRA)."""
+
+    source: TensorSource | None
+    train: Sequence
+    valid: Sequence | None
+    task: Task | None = None
+    adapt: Callable | None = None
+
+
+def prepare_run(config: Config) -> Prepared:
+    """Pretraining: data (index caches built on first use), tokenizer and `model.init_from`."""
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
     if config.model.init_from is None:
@@ -99,7 +114,7 @@ def prepare_run(config: Config) -> tuple[TensorSource | None, object, object]:
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )
-    return source, train_ds, valid_ds
+    return Prepared(source, train_ds, valid_ds)
 
 
 def join_job(config: Config) -> Topology:
@@ -119,8 +134,9 @@ def join_job(config: Config) -> Topology:
     return topo
 
 
-def build_trainer(config: Config, resume: bool = True) -> Trainer:
-    """Everything up to the first step, on this rank: join the job, prepare data (rank 0
+def build_trainer(config: Config, resume: bool = True,
+                  prepare: Callable[[Config], Prepared] = prepare_run) -> Trainer:
+    """Everything up to the first step, on this rank: join the job, `prepare` the run (rank 0
     first, then the first process of every other node, then the rest, so caches are built
     once per file system), build this rank's shard, and resume from `train.out_dir`'s newest
     checkpoint when there is one."""
@@ -129,11 +145,11 @@ def build_trainer(config: Config, resume: bool = True) -> Trainer:
     prepared = None
     for stage in range(3):
         if stage == turn:
-            prepared = prepare_run(config)
+            prepared = prepare(config)
         if topo.world_size > 1:
             dist.barrier(group=topo.patient_group)
-    source, train_ds, valid_ds = prepared
-    trainer = Trainer.create(config, train_ds, valid_ds, config.data.tokenizer, topo, source)
+    trainer = Trainer.create(config, prepared.train, prepared.valid, config.data.tokenizer, topo,
+                             prepared.source, prepared.task, prepared.adapt)
     out_dir = Path(config.train.out_dir)
     latest = ckpt.find_latest(out_dir) if out_dir.exists() else None
     if latest is not None:

@@ -134,7 +134,7 @@ class Trainer:
         """This rank's trainer for `config.parallel` on `topo` (default: the process group
         or a single process): the layout is checked, the shard built from `source` (default:
         the fresh initialisation for `train.seed`) and its optimizer made. `adapt(model,
-        topo)`, when given, changes the shard before the optimizer sees it (LoRA adapters)."""
+        topo, tracker)`, when given, changes the shard before the optimizer sees it (LoRA)."""
         topo = topo or Topology.build(config.parallel.tp, config.parallel.pp,
                                       resolve_device(config.train.device))
         try:
@@ -151,7 +151,7 @@ class Trainer:
                                                                      config.train.seed),
                             sp, tracker, config.parallel.vpp)
         if adapt is not None:
-            adapt(model, topo)
+            adapt(model, topo, tracker)
         optimizer = ParallelOptimizer(model, topo, config.train,
                                       config.parallel.distributed_optimizer)
         return cls(config, topo, model, optimizer, train_data, valid_data, tokenizer_path, task)
@@ -315,13 +315,14 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def evaluate(self, data: Sequence | None = None) -> float | None:
-        """Mean loss per counted unit over the first `eval_iters` micro-batches of the valid
-        split."""
+    def evaluate(self, data: Sequence | None = None, limit: int | None = -1) -> float | None:
+        """Mean loss per counted unit over the first `limit` micro-batches (default
+        `train.eval_iters`, None: all whole ones) of `data` (default: the valid split)."""
         data = self.valid_data if data is None else data
         if data is None:
             return None
-        batches = self._eval_batches(data, self.cfg.eval_iters)
+        limit = self.cfg.eval_iters if limit == -1 else limit
+        batches = self._eval_batches(data, len(data) if limit is None else limit)
         total = self._forward_only(batches, self._loss_sum)
         units = sum(self.task.count(batch) for batch in batches)
         total, units = self._global_sum(total, units if self.topo.is_last_stage else 0.0)
