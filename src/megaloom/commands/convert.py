@@ -2,7 +2,9 @@
 
 `hf-to-megaloom HF_DIR OUT` writes a megaloom checkpoint directory; `megaloom-to-hf SPEC OUT`
 reads anything `load_model` accepts (run dir, checkpoint dir, `hf:DIR`) and writes a directory
-`transformers` loads. The work lives in `megaloom.interop.hf`.
+`transformers` loads (LoRA adapters merged); `megaloom-to-peft RUN OUT` writes a LoRA run's
+adapter for `peft` and its base model. The work lives in `megaloom.interop.hf` and
+`megaloom.finetune.peft_export`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: 5GB)")
     to_hf.add_argument("--dtype", choices=DTYPES, default=None,
                        help="weight dtype of the export (default: the checkpoint's)")
+    to_peft = sub.add_parser("megaloom-to-peft",
+                             help="LoRA run -> PEFT adapter (+ its base model in OUT/base)")
+    to_peft.add_argument("checkpoint", metavar="RUN", help="run or checkpoint dir of a LoRA run")
+    to_peft.add_argument("out", metavar="OUT", help="new adapter directory (must be empty)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.direction == "hf-to-megaloom":
         out = import_hf(args.hf_dir, args.out)
+    elif args.direction == "megaloom-to-peft":
+        from megaloom.finetune.peft_export import export_peft
+
+        out = export_peft(args.checkpoint, args.out)
     else:
         from megaloom.train.checkpoint import LazyState, load_model, open_checkpoint
 

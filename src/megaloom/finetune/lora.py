@@ -1,9 +1,10 @@
 """LoRA (Hu et al. 2021): a frozen model plus trained low-rank updates `scale * B @ A`.
 
 `apply_lora` adds `lora_A` (rank x in) and `lora_B` (out x rank) to each targeted projection
-of this rank's shard, freezes every other parameter (so the optimizer holds state for the
-adapters only) and adds `scale * B(A(dropout(x)))` to the projection's output, with
-`scale = alpha / rank`. `B` starts at zero, so an untrained adapter leaves the logits unchanged.
+of this rank's shard, freezes every other parameter but a classifier's head (so the optimizer
+holds state for the adapters, and that head, only) and adds `scale * B(A(dropout(x)))` to
+the projection's output, with `scale = alpha / rank`. `B` starts at zero, so an untrained
+adapter leaves the logits unchanged.
 
 The adapters follow the tensor-parallel layer they sit on, and only small (.., rank)
 activations cross ranks:
@@ -81,8 +82,8 @@ class _Adapter:
 def apply_lora(model: nn.Module, topo: Topology, cfg: LoraConfig, seed: int,
                tracker: RNGTracker | None = None) -> None:
     """Freeze this rank's shard and give every targeted projection it holds an adapter."""
-    for param in model.parameters():
-        param.requires_grad_(False)
+    for name, param in model.named_parameters():  # a classifier's new head stays trainable
+        param.requires_grad_(bool(model.config.num_labels) and name.startswith("lm_head."))
     modules = dict(model.named_modules())
     has_gate = model.config.activation == "swiglu"
     found = 0

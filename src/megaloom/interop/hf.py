@@ -25,9 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megaloom.config import Config, ModelConfig
+from megaloom.config import Config, ModelConfig, TaskConfig
 from megaloom.errors import CheckpointError
-from megaloom.interop.hf_config import hf_config_from_model, model_config_from_hf, read_hf_config
+from megaloom.interop.hf_config import (
+    hf_config_from_model,
+    hf_labels,
+    model_config_from_hf,
+    read_hf_config,
+)
 from megaloom.interop.tokenizer_files import copy_side_files, find_tokenizer, write_tokenizer_files
 from megaloom.interop.weight_files import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -68,10 +73,10 @@ def load_hf_model(
     except CheckpointError as exc:
         raise CheckpointError(f"{hf_dir}: {exc}") from exc
     state = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in state.items()}
-    if model_config.tie_embeddings:
+    if model_config.tied_head:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if model_config.tie_embeddings:
+    if model_config.tied_head:
         model.lm_head.weight = model.embed.weight
     log.info("loaded %s model (%.2fM parameters) from %s", model_config.arch,
              model.num_parameters() / 1e6, hf_dir)
@@ -107,8 +112,11 @@ def hf_model_config(hf_dir: str | Path) -> tuple[Config, Path | None]:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise CheckpointError(f"Hugging Face model directory not found: {hf_dir}")
-    model_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
-    return Config(model=model_config).validate(), find_tokenizer(hf_dir)
+    hf = read_hf_config(hf_dir)
+    model_config = model_config_from_hf(hf, source=str(hf_dir / "config.json"))
+    task = (TaskConfig(name="classify", labels=hf_labels(hf)) if model_config.num_labels
+            else TaskConfig())
+    return Config(model=model_config, task=task).validate(), find_tokenizer(hf_dir)
 
 
 def export_hf(
@@ -145,7 +153,9 @@ def export_hf(
         token_ids = {}
         if tokenizer_path is not None:
             token_ids = write_tokenizer_files(tokenizer_path, tmp, model_config.seq_len)
-        hf_config = hf_config_from_model(model_config, weights_dtype, **token_ids)
+        labels = config.task.labels if isinstance(config, Config) else None
+        hf_config = hf_config_from_model(model_config, weights_dtype, labels=labels,
+                                         **token_ids)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n",
                                          encoding="utf-8")
         write_hf_weights(tensors, tmp, max_shard_size, sizes=sizes)

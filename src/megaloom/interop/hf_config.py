@@ -28,9 +28,11 @@ class UnsupportedModelError(MegaloomError):
     """A Hugging Face model (or a megaloom model bound for HF) that cannot be converted exactly."""
 
 
+CLASSIFIERS = {"gpt2": "GPT2ForSequenceClassification",
+               "llama": "LlamaForSequenceClassification"}
 ARCHITECTURES = {
-    "gpt2": {"GPT2LMHeadModel", "GPT2Model"},
-    "llama": {"LlamaForCausalLM", "LlamaModel"},
+    "gpt2": {"GPT2LMHeadModel", "GPT2Model", CLASSIFIERS["gpt2"]},
+    "llama": {"LlamaForCausalLM", "LlamaModel", CLASSIFIERS["llama"]},
 }
 
 # Fields whose value, when present, must equal the one megaloom implements.
@@ -92,12 +94,22 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
                                         f"(megaloom implements {key}={expected!r})")
     try:
         config = _gpt2_fields(hf, source) if arch == "gpt2" else _llama_fields(hf, source)
+        if CLASSIFIERS[arch] in (hf.get("architectures") or []):
+            config.num_labels = len(hf_labels(hf))
         config.validate()
     except KeyError as exc:
         raise CheckpointError(f"{source}: missing field {exc}") from exc
     except ValueError as exc:  # ConfigError from validate()
         raise UnsupportedModelError(f"{source}: {exc}") from exc
     return config
+
+
+def hf_labels(hf: dict[str, Any]) -> list[str]:
+    """A classifier's label names in id order (`id2label`, else `LABEL_i` for `num_labels`)."""
+    id2label = hf.get("id2label") or {}
+    if id2label:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    return [f"LABEL_{i}" for i in range(int(hf.get("num_labels", 2)))]
 
 
 def _gpt2_fields(hf: dict[str, Any], source: str) -> ModelConfig:
@@ -180,8 +192,12 @@ def hf_config_from_model(
     dtype: torch.dtype,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    labels: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The HF `config.json` dict for a megaloom model (GPT-2 or Llama by `config.arch`)."""
+    """The HF `config.json` dict for a megaloom model (GPT-2 or Llama by `config.arch`); a
+    classifier (`num_labels` > 0) is written as `*ForSequenceClassification` with `labels`
+    as `id2label` and the end-of-text id as `pad_token_id` (it pools at the last non-pad
+    token, as megaloom does)."""
     arch = config.arch
     for field, expected in EXPORT_FLAVOURS[arch].items():
         if getattr(config, field) != expected:
@@ -206,7 +222,7 @@ def hf_config_from_model(
             raise UnsupportedModelError(
                 f"model.num_kv_heads={config.num_kv_heads} cannot be written as a Hugging Face "
                 f"gpt2 model (it has no grouped-query attention; use arch=llama)")
-        return dict(
+        return _with_labels(config, labels, dict(
             architectures=["GPT2LMHeadModel"],
             model_type="gpt2",
             n_layer=config.num_layers,
@@ -221,11 +237,11 @@ def hf_config_from_model(
             attn_pdrop=config.dropout,
             **REQUIRED_VALUES["gpt2"],
             **common,
-        )
+        ))
     if config.dropout > 0:
         log.warning("Hugging Face Llama has attention dropout only; model.dropout=%g is written "
                     "as attention_dropout (inference is unaffected)", config.dropout)
-    return dict(
+    return _with_labels(config, labels, dict(
         architectures=["LlamaForCausalLM"],
         model_type="llama",
         num_hidden_layers=config.num_layers,
@@ -243,4 +259,17 @@ def hf_config_from_model(
         pretraining_tp=1,
         **{k: v for k, v in REQUIRED_VALUES["llama"].items() if k != "partial_rotary_factor"},
         **common,
-    )
+    ))
+
+
+def _with_labels(config: ModelConfig, labels: list[str] | None, hf: dict[str, Any]
+                 ) -> dict[str, Any]:
+    if not config.num_labels:
+        return hf
+    labels = list(labels or [f"LABEL_{i}" for i in range(config.num_labels)])
+    if len(labels) != config.num_labels:
+        raise UnsupportedModelError(f"{len(labels)} label names for model.num_labels="
+                                    f"{config.num_labels}")
+    return {**hf, "architectures": [CLASSIFIERS[config.arch]], "num_labels": config.num_labels,
+            "id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)},
+            "pad_token_id": hf["eos_token_id"], "problem_type": "single_label_classification"}

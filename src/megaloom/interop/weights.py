@@ -60,7 +60,9 @@ def _top_pairs(config: ModelConfig) -> list[Pair]:
     else:
         pairs = [("embed.weight", "model.embed_tokens.weight", False),
                  ("final_norm.weight", "model.norm.weight", False)]
-    if not config.tie_embeddings:
+    if config.num_labels:
+        pairs.append(("lm_head.weight", "score.weight", False))
+    elif not config.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight", False))
     return pairs
 
@@ -112,7 +114,8 @@ def normalize_hf_names(names: Iterable[str], config: ModelConfig) -> dict[str, s
     names = list(names)
     prefix = HF_PREFIX[config.arch]
     bare = not any(name.startswith(prefix) for name in names)
-    return {(prefix + name if bare and name != "lm_head.weight" else name): name
+    return {(prefix + name if bare and name not in ("lm_head.weight", "score.weight") else name):
+            name
             for name in names if not IGNORED_HF_TENSORS.search(name)}
 
 
@@ -148,7 +151,8 @@ def convert_hf_tensor(name: str, fetch: Callable[[str], torch.Tensor], config: M
     else:
         transposed = next(t for ours, _, t in _all_pairs(config) if ours == name)
         tensor = parts[0].t() if transposed else parts[0]
-        if name in ("embed.weight", "lm_head.weight") and tensor.shape[0] == config.vocab_size:
+        if (name in ("embed.weight", "lm_head.weight") and not (config.num_labels and name ==
+                "lm_head.weight") and tensor.shape[0] == config.vocab_size):
             tensor = _pad_rows(tensor, config.padded_vocab_size)
     if tuple(tensor.shape) != tuple(shape):
         raise CheckpointError(f"{', '.join(names)}: shape {tuple(tensor.shape)} does not match "
@@ -162,14 +166,14 @@ def hf_to_megaloom(hf: Mapping[str, torch.Tensor], config: ModelConfig,
     from the target model (a tied `lm_head.weight` left out or not); every HF tensor must be
     used and every shape must match."""
     original = normalize_hf_names(hf, config)
-    if config.tie_embeddings and "lm_head.weight" in original:
+    if config.tied_head and "lm_head.weight" in original:
         head = hf[original.pop("lm_head.weight")]
         embed_name = _top_pairs(config)[0][1]
         if embed_name in original and not torch.equal(head, hf[original[embed_name]]):
             raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
                                   f"{embed_name}; set tie_word_embeddings=false in config.json")
     wanted = {n: s for n, s in expected_shapes.items()
-              if not (config.tie_embeddings and n == "lm_head.weight")}
+              if not (config.tied_head and n == "lm_head.weight")}
     used = {hf_name for name in wanted for hf_name in hf_sources(name, config)}
     missing = sorted(used - set(original))
     if missing:

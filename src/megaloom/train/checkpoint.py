@@ -312,14 +312,14 @@ class OpenCheckpoint:
 
 class LazyState(Mapping):
     """A checkpoint's weights as the plain model's state dict whose tensors are read, whole,
-    only when looked up (a tied head reads the embedding; LoRA adapters are merged): for
-    streaming conversions."""
+    only when looked up (a tied head reads the embedding; LoRA adapters are merged unless
+    `merge` is false): for streaming conversions."""
 
-    def __init__(self, checkpoint: OpenCheckpoint):
+    def __init__(self, checkpoint: OpenCheckpoint, merge: bool = True):
         from megaloom.finetune.lora import merged_source
 
         self.checkpoint = checkpoint
-        self.source = merged_source(checkpoint, checkpoint.config)
+        self.source = merged_source(checkpoint, checkpoint.config) if merge else checkpoint
         with torch.device("meta"):
             plain = GPT(checkpoint.config.model)
         self.shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
