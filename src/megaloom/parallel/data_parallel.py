@@ -195,7 +195,7 @@ class ParallelOptimizer:
     def __init__(self, model: nn.Module, topo: Topology, cfg: TrainConfig,
                  distributed: bool = False, bucket_elements: int = BUCKET_ELEMENTS):
         self.model, self.topo, self.distributed = model, topo, distributed
-        groups = parameter_groups(model, cfg.weight_decay)
+        groups = [g for g in parameter_groups(model, cfg.weight_decay) if g["params"]]
         self.params = [p for g in groups for p in g["params"]]
         self.shards = [_FlatShard(g["params"], topo) for g in groups] if distributed else []
         self.buckets = (_GradBuckets(self.params, topo.dp_axis, bucket_elements)
