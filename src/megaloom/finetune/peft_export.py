@@ -65,8 +65,8 @@ def export_peft(spec: str | Path, out_dir: str | Path) -> Path:
                                config.model.activation == "swiglu"):
         a, b = store.read(f"{module}.lora_A"), store.read(f"{module}.lora_B")
         for name, hf_a, hf_b in hf_adapters(module, a, b, config):
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = hf_a.contiguous()
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = hf_b.contiguous()
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = hf_a.clone()  # q, k, v share A
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = hf_b.clone()
             modules.append(name)
     task_type = "CAUSAL_LM"
     if config.model.num_labels:
