@@ -15,8 +15,27 @@ from megaloom.model.gpt import GPT
 from megaloom.train.checkpoint import save_model_files
 from megaloom.train.trainer import Trainer
 
-WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone "
-         "cloud paper green small large quick").split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "theta",
+    "kappa",
+    "lambda",
+    "sigma",
+    "omega",
+    "river",
+    "stone",
+    "cloud",
+    "paper",
+    "green",
+    "small",
+    "large",
+    "quick",
+]
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +47,20 @@ def workdir(tmp_path_factory):
     train_bpe([root / "corpus.txt"], 300, root / "tokenizer.json", special_tokens=[ENDOFTEXT])
     for arch in ("gpt2", "llama"):
         extra = {"num_kv_heads": 2} if arch == "llama" else {}
-        cfg = ModelConfig(arch=arch, num_layers=4, hidden_size=32, num_heads=4, seq_len=48,
-                          vocab_size=300, make_vocab_size_divisible_by=1, **extra)
+        cfg = ModelConfig(
+            arch=arch,
+            num_layers=4,
+            hidden_size=32,
+            num_heads=4,
+            seq_len=48,
+            vocab_size=300,
+            make_vocab_size_divisible_by=1,
+            **extra,
+        )
         torch.manual_seed(1)
-        save_model_files(root / f"base-{arch}", GPT(cfg), Config(model=cfg),
-                         root / "tokenizer.json")
+        save_model_files(
+            root / f"base-{arch}", GPT(cfg), Config(model=cfg), root / "tokenizer.json"
+        )
     write_jsonl(root / "sft.jsonl", sft_records(24, seed=1))
     write_jsonl(root / "sft_valid.jsonl", sft_records(6, seed=2))
     write_jsonl(root / "chat.jsonl", chat_records(12, seed=3))
@@ -56,9 +84,15 @@ def sft_records(count, seed):
 
 def chat_records(count, seed):
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": " ".join(rng.sample(WORDS, 3))},
-                          {"role": "assistant", "content": " ".join(rng.sample(WORDS, 2))}]}
-            for _ in range(count)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.sample(WORDS, 3))},
+                {"role": "assistant", "content": " ".join(rng.sample(WORDS, 2))},
+            ]
+        }
+        for _ in range(count)
+    ]
 
 
 def cls_records(count, seed):
@@ -70,13 +104,35 @@ def cls_records(count, seed):
     return out
 
 
-def finetune_config(out_dir, task="sft", lora=0, tp=1, pp=1, sp=False, zero=False,
-                    max_steps=4, exit_at_step=None, micro=2, global_batch=8, **task_fields):
+def finetune_config(
+    out_dir,
+    task="sft",
+    lora=0,
+    tp=1,
+    pp=1,
+    sp=False,
+    zero=False,
+    max_steps=4,
+    exit_at_step=None,
+    micro=2,
+    global_batch=8,
+    **task_fields,
+):
     return Config(
-        train=TrainConfig(out_dir=str(out_dir), micro_batch_size=micro,
-                          global_batch_size=global_batch, max_steps=max_steps,
-                          exit_at_step=exit_at_step, lr=1e-2, min_lr=1e-3, warmup_steps=1,
-                          weight_decay=0.0, eval_interval=2, eval_iters=2, save_interval=100),
+        train=TrainConfig(
+            out_dir=str(out_dir),
+            micro_batch_size=micro,
+            global_batch_size=global_batch,
+            max_steps=max_steps,
+            exit_at_step=exit_at_step,
+            lr=1e-2,
+            min_lr=1e-3,
+            warmup_steps=1,
+            weight_decay=0.0,
+            eval_interval=2,
+            eval_iters=2,
+            save_interval=100,
+        ),
         parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, distributed_optimizer=zero),
         task=_task(task, lora, task_fields),
     )
@@ -85,22 +141,38 @@ def finetune_config(out_dir, task="sft", lora=0, tp=1, pp=1, sp=False, zero=Fals
 def _task(name, lora, fields):
     from megaloom.config import LoraConfig
 
-    return TaskConfig(name=name, lora=LoraConfig(rank=lora, alpha=2.0 * lora or 16.0),
-                      **fields)
+    return TaskConfig(name=name, lora=LoraConfig(rank=lora, alpha=2.0 * lora or 16.0), **fields)
 
 
-def make_trainer(workdir, out_dir, arch="gpt2", task="sft", train="sft.jsonl",
-                 valid="sft_valid.jsonl", topo=None, **config_fields):
+def make_trainer(
+    workdir,
+    out_dir,
+    arch="gpt2",
+    task="sft",
+    train="sft.jsonl",
+    valid="sft_valid.jsonl",
+    topo=None,
+    **config_fields,
+):
     """A fine-tuning trainer built exactly as `megaloom finetune` builds it (resumed when
     `out_dir` has a checkpoint)."""
     from megaloom.train import checkpoint as ckpt
 
     config = finetune_config(out_dir, task=task, **config_fields)
-    preparation = FinetunePreparation(str(workdir / f"base-{arch}"), workdir / train,
-                                      workdir / valid if valid else None)
+    preparation = FinetunePreparation(
+        str(workdir / f"base-{arch}"), workdir / train, workdir / valid if valid else None
+    )
     prepared = preparation(config)
-    trainer = Trainer.create(config, prepared.train, prepared.valid, config.data.tokenizer, topo,
-                             prepared.source, prepared.task, prepared.adapt)
+    trainer = Trainer.create(
+        config,
+        prepared.train,
+        prepared.valid,
+        config.data.tokenizer,
+        topo,
+        prepared.source,
+        prepared.task,
+        prepared.adapt,
+    )
     if ckpt.find_latest(out_dir) is not None:
         trainer.resume(out_dir)
     trainer.preparation = preparation
