@@ -98,6 +98,10 @@ class Prepared:
 
 def prepare_run(config: Config) -> Prepared:
     """Pretraining: data (index caches built on first use), tokenizer and `model.init_from`."""
+    if config.task.name != "lm":
+        raise ConfigError(f"task.name={config.task.name!r}: megaloom train pretrains "
+                          "(task.name=lm); fine-tune with megaloom finetune --task "
+                          f"{config.task.name}")
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
     if config.model.init_from is None:
