@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import machine_info, write_json
 from megaloom.config import Config, LoraConfig, ModelConfig, TaskConfig, TrainConfig
 from megaloom.finetune.lora import apply_lora
-from megaloom.tasks import LanguageModelTask
+from megaloom.tasks import EpochShuffled, LanguageModelTask
 from megaloom.tasks.classify import ClassifyTask
 from megaloom.tasks.sft import Example, SFTTask, pack_rows
 from megaloom.train.trainer import Trainer
@@ -59,7 +59,7 @@ def build(mode: str, args, out_dir: str) -> Trainer:
     if lora.rank:
         adapt = lambda m, topo, tracker: apply_lora(m, topo, lora, 0, tracker)  # noqa: E731
     rows = rows_for(mode, args, np.random.default_rng(0))
-    return Trainer.create(config, rows, None, task=task, adapt=adapt)
+    return Trainer.create(config, EpochShuffled(rows, 0), None, task=task, adapt=adapt)
 
 
 def optimizer_bytes(trainer: Trainer) -> int:

@@ -1,41 +1,16 @@
-"""Shared fixtures: a small BPE tokenizer, tiny GPT-2 and Llama base runs saved as megaloom
-checkpoints, task data files, and a helper that builds a fine-tuning `Trainer` the way
-`megaloom finetune` does."""
+"""Shared fixture: a small BPE tokenizer, tiny GPT-2 and Llama base runs saved as megaloom
+checkpoints, and the task data files."""
 
-import json
 import random
 
 import pytest
 import torch
+from finetune_helpers import WORDS, chat_records, cls_records, sft_records, write_jsonl
 
-from megaloom.config import Config, ModelConfig, ParallelConfig, TaskConfig, TrainConfig
+from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
-from megaloom.finetune.run import FinetunePreparation
 from megaloom.model.gpt import GPT
 from megaloom.train.checkpoint import save_model_files
-from megaloom.train.trainer import Trainer
-
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "theta",
-    "kappa",
-    "lambda",
-    "sigma",
-    "omega",
-    "river",
-    "stone",
-    "cloud",
-    "paper",
-    "green",
-    "small",
-    "large",
-    "quick",
-]
 
 
 @pytest.fixture(scope="session")
@@ -67,113 +42,3 @@ def workdir(tmp_path_factory):
     write_jsonl(root / "cls.jsonl", cls_records(24, seed=4))
     write_jsonl(root / "cls_valid.jsonl", cls_records(8, seed=5))
     return root
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def sft_records(count, seed):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        words = rng.sample(WORDS, rng.randint(2, 6))
-        out.append({"prompt": "Repeat: " + " ".join(words), "response": " " + " ".join(words)})
-    return out
-
-
-def chat_records(count, seed):
-    rng = random.Random(seed)
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": " ".join(rng.sample(WORDS, 3))},
-                {"role": "assistant", "content": " ".join(rng.sample(WORDS, 2))},
-            ]
-        }
-        for _ in range(count)
-    ]
-
-
-def cls_records(count, seed):
-    rng = random.Random(seed)
-    out = []
-    for i in range(count):
-        label = ("green", "stone", "river")[i % 3]
-        out.append({"text": " ".join(rng.sample(WORDS, 4) + [label]), "label": label})
-    return out
-
-
-def finetune_config(
-    out_dir,
-    task="sft",
-    lora=0,
-    tp=1,
-    pp=1,
-    sp=False,
-    zero=False,
-    max_steps=4,
-    exit_at_step=None,
-    micro=2,
-    global_batch=8,
-    **task_fields,
-):
-    return Config(
-        train=TrainConfig(
-            out_dir=str(out_dir),
-            micro_batch_size=micro,
-            global_batch_size=global_batch,
-            max_steps=max_steps,
-            exit_at_step=exit_at_step,
-            lr=1e-2,
-            min_lr=1e-3,
-            warmup_steps=1,
-            weight_decay=0.0,
-            eval_interval=2,
-            eval_iters=2,
-            save_interval=100,
-        ),
-        parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, distributed_optimizer=zero),
-        task=_task(task, lora, task_fields),
-    )
-
-
-def _task(name, lora, fields):
-    from megaloom.config import LoraConfig
-
-    return TaskConfig(name=name, lora=LoraConfig(rank=lora, alpha=2.0 * lora or 16.0), **fields)
-
-
-def make_trainer(
-    workdir,
-    out_dir,
-    arch="gpt2",
-    task="sft",
-    train="sft.jsonl",
-    valid="sft_valid.jsonl",
-    topo=None,
-    **config_fields,
-):
-    """A fine-tuning trainer built exactly as `megaloom finetune` builds it (resumed when
-    `out_dir` has a checkpoint)."""
-    from megaloom.train import checkpoint as ckpt
-
-    config = finetune_config(out_dir, task=task, **config_fields)
-    preparation = FinetunePreparation(
-        str(workdir / f"base-{arch}"), workdir / train, workdir / valid if valid else None
-    )
-    prepared = preparation(config)
-    trainer = Trainer.create(
-        config,
-        prepared.train,
-        prepared.valid,
-        config.data.tokenizer,
-        topo,
-        prepared.source,
-        prepared.task,
-        prepared.adapt,
-    )
-    if ckpt.find_latest(out_dir) is not None:
-        trainer.resume(out_dir)
-    trainer.preparation = preparation
-    return trainer

@@ -4,7 +4,7 @@ written."""
 import json
 
 import pytest
-from conftest import write_jsonl
+from finetune_helpers import write_jsonl
 
 from megaloom.cli import main
 

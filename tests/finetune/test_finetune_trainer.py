@@ -3,7 +3,7 @@
 only its adapters, and its merged checkpoint equals the unmerged model."""
 
 import torch
-from conftest import make_trainer
+from finetune_helpers import make_trainer
 
 from megaloom.train.checkpoint import load_model
 from megaloom.train.metrics import read_metrics

@@ -4,7 +4,7 @@ back; a LoRA run's adapter loads with `peft` onto its exported base with megaloo
 
 import pytest
 import torch
-from conftest import make_trainer
+from finetune_helpers import make_trainer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

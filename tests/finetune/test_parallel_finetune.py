@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
-from conftest import make_trainer  # noqa: E402
+from finetune_helpers import make_trainer  # noqa: E402
 from harness import spawn  # noqa: E402
 
 from megaloom.finetune.report import write_report  # noqa: E402
