@@ -1,7 +1,8 @@
 """Fine-tuning on parallel layouts equals one process, full and LoRA, SFT (packed) and
 classification: tp2 x pp2, and tp2 x dp2 with sequence parallelism and the distributed
 optimizer. Losses, validation losses and gradient norms per step, the final weights, and the
-end-of-run report (classification predictions gathered from the last stage over tp)."""
+end-of-run report (classification predictions gathered from the last stage over tp); and
+tensor-parallel inference of a LoRA run reads merged shards equal to the merged model."""
 
 import sys
 from pathlib import Path
@@ -63,3 +64,25 @@ def test_parallel_finetuning_equals_one_process(workdir, tmp_path, name):
         report = json.loads((tmp_path / "parallel" / "eval.json").read_text())
         assert report["confusion_matrix"] == single_report["confusion_matrix"]
         assert report["samples"] == 8
+
+
+def _tp_logits(rank, world, run_dir, out_file):
+    from megaloom.infer.tensor_parallel import load_tensor_parallel
+
+    model, _, _, _ = load_tensor_parallel(run_dir, torch.device("cpu"))
+    tokens = torch.arange(24).reshape(2, 12) * 7 % 300
+    with torch.no_grad():
+        logits = model(tokens)
+    if rank == 0:
+        torch.save(logits, out_file)
+
+
+def test_tensor_parallel_inference_reads_merged_lora_shards(workdir, tmp_path):
+    make_trainer(workdir, tmp_path / "run", arch="llama", lora=4, max_steps=4,
+                 valid=None).run()
+    spawn(_tp_logits, 2, str(tmp_path / "run"), str(tmp_path / "logits.pt"))
+    merged, _, _ = load_model(tmp_path / "run")
+    tokens = torch.arange(24).reshape(2, 12) * 7 % 300
+    with torch.no_grad():
+        want = merged(tokens)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
