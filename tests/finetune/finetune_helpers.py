@@ -5,7 +5,7 @@ finetune` builds it."""
 import json
 import random
 
-from megaloom.config import Config, ParallelConfig, TaskConfig, TrainConfig
+from megaloom.config import Config, LoraConfig, ParallelConfig, TaskConfig, TrainConfig
 from megaloom.finetune.run import FinetunePreparation
 from megaloom.train.trainer import Trainer
 
@@ -97,14 +97,9 @@ def finetune_config(
             save_interval=100,
         ),
         parallel=ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp, distributed_optimizer=zero),
-        task=_task(task, lora, task_fields),
+        task=TaskConfig(name=task, lora=LoraConfig(rank=lora, alpha=2.0 * lora or 16.0),
+                        **task_fields),
     )
-
-
-def _task(name, lora, fields):
-    from megaloom.config import LoraConfig
-
-    return TaskConfig(name=name, lora=LoraConfig(rank=lora, alpha=2.0 * lora or 16.0), **fields)
 
 
 def make_trainer(

@@ -11,7 +11,6 @@ rows (torch's weighted mean), so accumulation and dp never change it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ from megaloom.parallel.mappings import gather_last
 from megaloom.parallel.topology import Axis
 from megaloom.tasks.base import stack
 from megaloom.tasks.records import read_records
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -15,7 +15,6 @@ global count of trained tokens.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ from megaloom.errors import DataError
 from megaloom.tasks.base import stack
 from megaloom.tasks.lm import LanguageModelTask
 from megaloom.tasks.records import Record, read_records
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
