@@ -38,6 +38,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts (default: --file, else one per line from stdin)")
     parser.add_argument("--file", help="prompts file: one per line, or JSONL with 'prompt'")
     parser.add_argument("--n", type=int, default=1, help="drafts per prompt (default 1)")
+    add_sampling_arguments(parser)
+    parser.add_argument("--logprobs", type=int, default=None, metavar="K",
+                        help="record token logprobs and K alternatives (JSONL output)")
+    parser.add_argument("--echo", action="store_true", help="also record prompt logprobs")
+    parser.add_argument("--output", help="append results to this JSONL file")
+    parser.add_argument("--db", nargs="?", const=DEFAULT_DB_URL, default=None, metavar="URL",
+                        help=f"store results in a SQL database (default URL: {DEFAULT_DB_URL})")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences decoded together (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu or an accelerator")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="split the model over N tensor-parallel processes (torchrun)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How each draft is sampled (shared with `megaloom evaluate --task generate`)."""
     parser.add_argument("--max-tokens", type=int, default=64,
                         help="new tokens per draft (default 64)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
@@ -55,17 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="do not stop at the end-of-document token")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (draft i: seed+i)")
-    parser.add_argument("--logprobs", type=int, default=None, metavar="K",
-                        help="record token logprobs and K alternatives (JSONL output)")
-    parser.add_argument("--echo", action="store_true", help="also record prompt logprobs")
-    parser.add_argument("--output", help="append results to this JSONL file")
-    parser.add_argument("--db", nargs="?", const=DEFAULT_DB_URL, default=None, metavar="URL",
-                        help=f"store results in a SQL database (default URL: {DEFAULT_DB_URL})")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="sequences decoded together (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or an accelerator")
-    parser.add_argument("--nproc", type=int, default=1, metavar="N",
-                        help="split the model over N tensor-parallel processes (torchrun)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +100,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
-        n=args.n, seed=args.seed, logprobs=args.logprobs, echo=args.echo)
+        n=getattr(args, "n", 1), seed=args.seed, logprobs=getattr(args, "logprobs", None),
+        echo=getattr(args, "echo", False))
 
 
 def read_prompts(given: list[str], file: str | None, stdin: TextIO) -> list[str]:

@@ -1,14 +1,16 @@
 """Task metrics through the libraries the literature uses: ROUGE via Google's `rouge-score`,
 classification metrics via scikit-learn (never re-implemented here).
 
-`rouge` reports ROUGE-1/2/L/Lsum precision, recall and F1 averaged over samples (Lsum treats
-newlines as sentence breaks, as `rouge-score` does when texts are pre-split). `classification`
+`rouge` reports ROUGE-1/2/L/Lsum precision, recall and F1 averaged over samples, with an
+optional seeded bootstrap interval (Lsum needs one sentence per line: texts are split after
+`.!?`), `bleu_chrf` corpus BLEU and chrF via sacrebleu. `classification`
 reports accuracy, per-class precision/recall/F1/support, macro/micro/weighted averages and the
 confusion matrix (rows: true label, columns: predicted), and `plot_confusion` draws it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,20 +19,74 @@ import numpy as np
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str], stem: bool = True) -> dict:
-    """Mean ROUGE precision/recall/F1 of `predictions` against `references`."""
+class UnicodeWords:
+    """A `rouge-score` tokenizer for any script: lowercased Unicode word characters (the
+    default keeps only ASCII `[a-z0-9]`, so non-ASCII text scores 0). No stemming."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+
+ROUGE_TOKENIZERS = {"default": None, "unicode": UnicodeWords()}
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line (a break after `.`, `!` or `?` and whitespace), as `rougeLsum`
+    expects; existing newlines stay."""
+    return "\n".join(part for part in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if part)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str], stem: bool = True,
+          tokenizer: str = "default", bootstrap: int = 0, seed: int = 0) -> dict:
+    """ROUGE precision/recall/F1 of `predictions` against `references`: the exact mean over
+    samples, and with `bootstrap` > 0 a seeded 95% percentile interval of the mean F1.
+    `tokenizer` is "default" (rouge-score's, stemming by `stem`) or "unicode"."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem)
-    totals = {kind: np.zeros(3) for kind in ROUGE_TYPES}
+    words = ROUGE_TOKENIZERS[tokenizer]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem and words is None,
+                                      tokenizer=words)
+    per_sample = {kind: [] for kind in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references, strict=True):
-        for kind, score in scorer.score(reference, prediction).items():
-            totals[kind] += (score.precision, score.recall, score.fmeasure)
-    count = max(len(predictions), 1)
-    return {"protocol": f"rouge-score, use_stemmer={stem}, mean over samples",
-            "samples": len(predictions),
-            **{kind: dict(zip(("precision", "recall", "f1"), (v / count).tolist(), strict=True))
-               for kind, v in totals.items()}}
+        scores = scorer.score(split_sentences(reference), split_sentences(prediction))
+        for kind, score in scores.items():
+            per_sample[kind].append((score.precision, score.recall, score.fmeasure))
+    stemmed = stem and words is None
+    report: dict = {
+        "protocol": f"rouge-score, tokenizer={tokenizer}, use_stemmer={stemmed}, sentences "
+                    "split after .!? for rougeLsum, mean over samples",
+        "samples": len(predictions)}
+    for kind, values in per_sample.items():
+        array = np.asarray(values, dtype=float).reshape(-1, 3)
+        mean = array.mean(axis=0) if len(array) else np.zeros(3)
+        report[kind] = dict(zip(("precision", "recall", "f1"), mean.tolist(), strict=True))
+        if bootstrap and len(array):
+            report[kind]["f1_ci95"] = bootstrap_interval(array[:, 2], bootstrap, seed)
+    if bootstrap:
+        report["bootstrap"] = {"resamples": bootstrap, "seed": seed,
+                               "interval": "2.5th-97.5th percentile of resampled means"}
+    report["per_sample_f1"] = {kind: [v[2] for v in values]
+                               for kind, values in per_sample.items()}
+    return report
+
+
+def bootstrap_interval(values: np.ndarray, resamples: int, seed: int) -> list[float]:
+    """The 95% percentile interval of the mean of `values`, resampled with `seed`."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[picks].mean(axis=1)
+    return np.percentile(means, [2.5, 97.5]).tolist()
+
+
+def bleu_chrf(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU and chrF through `sacrebleu`, with their signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    result = {}
+    for name, metric in (("bleu", BLEU()), ("chrf", CHRF())):
+        score = metric.corpus_score(list(predictions), [list(references)])
+        result[name] = {"score": score.score, "signature": str(metric.get_signature())}
+    return result
 
 
 def classification(true: Sequence[int], predicted: Sequence[int], labels: Sequence[str]

@@ -321,7 +321,7 @@ class Engine:
             tokens = torch.tensor([s.prompt_ids for s in group], device=self.device)
             echo = any(s.params.echo and s.output.prompt_logprobs is None for s in group)
             out = self.model(tokens, kv_cache=self.cache.prefill(start, len(group)),
-                             last_only=not echo)
+                             keep_last=0 if echo else 1)
             rows = slice(start, start + len(group))
             self._valid[rows] = False
             self._valid[rows, :length] = True

@@ -5,7 +5,9 @@ Owns the stored record (`GenerationRecord`) and two sinks with the same small in
 
 - `JsonlSink` appends one JSON object per line, each line written with a single `write` and
   flushed, so reruns append and an interrupted run leaves only whole lines.
-- `DatabaseSink` creates the `generations` table when missing and inserts each request's
+- `DatabaseSink` creates the `generations` table (and, for `megaloom evaluate`,
+  `generation_scores` with each generation's reference and scores, and `evaluations` with
+  whole reports) when missing and inserts each request's
   records in one transaction, so an interrupted run never leaves half-written records and
   reruns append. It connects when built, so a bad URL or an unreachable server is reported
   before any generation starts. `sqlite:///generations.db` is the embedded default; any
@@ -48,6 +50,22 @@ GENERATIONS = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=False),
     sa.Column("completion_tokens", sa.Integer, nullable=False),
     sa.Column("latency_s", sa.Float, nullable=False),
+)
+SCORES = sa.Table(  # `megaloom evaluate --task generate`: a generation's reference and scores
+    "generation_scores",
+    METADATA,
+    sa.Column("generation_id", sa.String(36), sa.ForeignKey("generations.id"), primary_key=True),
+    sa.Column("reference", sa.Text, nullable=False),
+    sa.Column("scores", sa.JSON, nullable=False),
+)
+EVALUATIONS = sa.Table(  # one `megaloom evaluate` report per row
+    "evaluations",
+    METADATA,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("task", sa.String(32), nullable=False),
+    sa.Column("report", sa.JSON, nullable=False),
 )
 
 
@@ -135,16 +153,35 @@ class DatabaseSink:
             raise MegaloomError(f"cannot use database {self.display_url}: {reason}") from None
 
     def write(self, records: Iterable[GenerationRecord]) -> None:
+        records = list(records)
         rows = [{k: v for k, v in asdict(r).items() if k != "extra"} for r in records]
+        scores = [{"generation_id": r.id, "reference": r.extra["reference"],
+                   "scores": r.extra["scores"]} for r in records if "reference" in r.extra]
         if not rows:
             return
+
+        def insert(conn) -> None:
+            conn.execute(GENERATIONS.insert(), rows)
+            if scores:
+                conn.execute(SCORES.insert(), scores)
+
+        self._insert(insert, "this request's records were not stored")
+
+    def write_evaluation(self, model: str, task: str, report: dict[str, Any]) -> None:
+        """Store one evaluation report."""
+        row = {"id": str(uuid.uuid4()), "created_at": dt.datetime.now(dt.timezone.utc),
+               "model": model, "task": task, "report": report}
+        self._insert(lambda conn: conn.execute(EVALUATIONS.insert(), [row]),
+                     "the evaluation report was not stored")
+
+    def _insert(self, insert, lost: str) -> None:
         try:
             with self.engine.begin() as conn:
-                conn.execute(GENERATIONS.insert(), rows)
+                insert(conn)
         except SQLAlchemyError as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise MegaloomError(f"writing to database {self.display_url} failed (this "
-                                f"request's records were not stored): {reason}") from None
+            raise MegaloomError(f"writing to database {self.display_url} failed ({lost}): "
+                                f"{reason}") from None
 
     def close(self) -> None:
         self.engine.dispose()

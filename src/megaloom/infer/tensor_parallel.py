@@ -84,16 +84,20 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
     return FullLogitsGPT(model.eval(), topo.tp_axis), config, tokenizer, topo
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """This process's own accelerator (`LOCAL_RANK`) for an accelerator `device`."""
+    if device.type == "cpu":
+        return device
+    return torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_tensor_parallel_engine(spec: str | Path, device: torch.device, max_batch_size: int,
                                 ) -> tuple[TensorParallelEngine, Path]:
     """`load_tensor_parallel` plus the checkpoint's tokenizer, as an engine (every rank);
-    returns (engine, tokenizer path). An accelerator `device` becomes this process's one
-    (`LOCAL_RANK`)."""
+    returns (engine, tokenizer path), `device` as `rank_device` makes it."""
     from megaloom.data.tokenizer import Tokenizer
 
-    if device.type != "cpu":
-        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
-    model, _, tokenizer_path, topo = load_tensor_parallel(spec, device)
+    model, _, tokenizer_path, topo = load_tensor_parallel(spec, rank_device(device))
     if tokenizer_path is None:
         raise MegaloomError(f"{spec}: no tokenizer found beside the weights")
     tokenizer = Tokenizer.from_file(tokenizer_path)

@@ -206,14 +206,14 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         kv_cache: object | None = None,
         attn_mask: torch.Tensor | None = None,
-        last_only: bool = False,
+        keep_last: int = 0,
     ) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, padded_vocab), or label scores
         (batch, seq, num_labels) for a classifier (the task pools them).
 
         A pipeline stage without `embed` takes hidden states (batch, seq, hidden) instead of
-        ids, and one without `lm_head` returns hidden states. `last_only` keeps only the last
-        position before the final norm and head (inference prefill: seq becomes 1).
+        ids, and one without `lm_head` returns hidden states. `keep_last=k > 0` keeps only the
+        last k positions before the final norm and head (prefill: 1; scoring: the targets).
         """
         batch, seq = tokens.shape[:2]
         if positions is None:
@@ -235,8 +235,8 @@ class GPT(nn.Module):
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
             else:
                 x = layer(x, ctx)
-        if last_only:
-            x = x[:, -1:]
+        if keep_last:
+            x = x[:, -keep_last:]
         if self.final_norm is not None:
             x = self.final_norm(x)
         if self.lm_head is not None:

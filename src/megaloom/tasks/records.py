@@ -8,11 +8,14 @@ problem (not JSONL, a line that is not a JSON object, a missing or empty field) 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from megaloom.errors import DataError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,28 @@ class Record:
         return value
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Every non-blank line of the JSONL file `path` as a `Record`."""
+class BadRecords:
+    """Where a whole run should not die for one bad line: `check(make, *args)` returns
+    `make(*args)`, or, when skipping, records the `DataError` it raised and returns None
+    (raises otherwise)."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.messages: list[str] = []
+
+    def check(self, make: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return make(*args)
+        except DataError as exc:
+            if not self.skip:
+                raise
+            self.messages.append(str(exc))
+            return None
+
+
+def read_records(path: str | Path, bad: BadRecords | None = None) -> list[Record]:
+    """Every non-blank line of the JSONL file `path` as a `Record` (lines that are not JSON
+    objects are skipped and recorded in `bad` when it skips)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -54,16 +77,21 @@ def read_records(path: str | Path) -> list[Record]:
         for line, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
-            try:
-                value = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise DataError(f"{path}:{line}: not UTF-8 text") from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line}: not JSONL (invalid JSON: {exc.msg})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path}:{line}: expected a JSON object, got "
-                                f"{type(value).__name__}")
-            records.append(Record(path, line, value))
+            record = (bad or BadRecords(False)).check(_parse, path, line, raw)
+            if record is not None:
+                records.append(record)
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def _parse(path: Path, line: int, raw: bytes) -> Record:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{line}: not JSONL (invalid JSON: {exc.msg})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}:{line}: expected a JSON object, got {type(value).__name__}")
+    return Record(path, line, value)

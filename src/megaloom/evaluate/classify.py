@@ -1,0 +1,68 @@
+"""The `classify` task: a fine-tuned classifier (`megaloom finetune --task classify`, or an
+imported `*ForSequenceClassification`) on JSONL `text` + `label`, scored by scikit-learn.
+
+Texts are cut to `seq_len` (counted), padded on the right, and each row's label scores are read
+at its last real token, as in training. Labels must be among the model's own (`task.labels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megaloom.errors import DataError
+from megaloom.evaluate import metrics
+from megaloom.tasks.records import BadRecords, Record
+
+
+def read_example(record: Record, labels: Sequence[str]) -> tuple[str, int]:
+    text = record.text("text")
+    label = record.fields.get("label")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise DataError(f"{record.where}: field 'label' must be a string or an integer")
+    if str(label) not in labels:
+        raise DataError(f"{record.where}: label {label!r} is not one of the model's labels "
+                        f"({', '.join(labels)})")
+    return text, list(labels).index(str(label))
+
+
+@torch.inference_mode()
+def predict(model, rows: Sequence[list[int]], num_labels: int, batch_size: int,
+            device: torch.device, progress: bool) -> list[int]:
+    """The argmax label of every row of token ids."""
+    predicted = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="classify", unit="batch",
+                      disable=None if progress else True):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, row in enumerate(chunk):
+            tokens[i, :len(row)] = torch.as_tensor(row)
+        scores = model(tokens.to(device))
+        last = torch.as_tensor([len(r) - 1 for r in chunk], device=scores.device)
+        pooled = scores[torch.arange(len(chunk), device=scores.device), last, :num_labels]
+        predicted.extend(pooled.float().argmax(-1).tolist())
+    return predicted
+
+
+def classify(model, tokenizer, labels: Sequence[str], records: Sequence[Record], seq_len: int,
+             batch_size: int, device: torch.device, bad: BadRecords, progress: bool) -> dict:
+    examples = [e for e in (bad.check(read_example, r, labels) for r in records) if e]
+    if not examples:
+        raise DataError("no text left to classify")
+    rows, truncated = [], 0
+    for text, _ in examples:
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise DataError(f"a text encodes to no tokens: {text[:40]!r}")
+        truncated += len(ids) > seq_len
+        rows.append(ids[:seq_len])
+    predicted = predict(model, rows, len(labels), batch_size, device, progress)
+    true = [label for _, label in examples]
+    report = metrics.classification(true, predicted, labels)
+    majority = float(np.bincount(true, minlength=len(labels)).max() / len(true))
+    return {**report, "documents": len(examples), "truncated": truncated,
+            "majority_baseline": majority, "predictions": [labels[p] for p in predicted]}
