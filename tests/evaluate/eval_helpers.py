@@ -1,0 +1,101 @@
+"""Helpers of the evaluation tests: a small corpus, a language model and a classifier saved as
+megaloom checkpoints and exported to Hugging Face format (random weights, built locally), and
+task data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from megaloom.config import Config, ModelConfig, TaskConfig  # noqa: E402
+from megaloom.data.tokenizer import train_bpe  # noqa: E402
+from megaloom.interop.hf import export_hf  # noqa: E402
+from megaloom.model.gpt import GPT  # noqa: E402
+from megaloom.train.checkpoint import save_model_files  # noqa: E402
+
+WORDS = ("the river runs past a quiet town where old sailors tell stories of storms and bright "
+         "mornings while children play near the stone bridge").split()
+LABELS = ["negative", "neutral", "positive"]
+
+
+def sentence(rng: random.Random, length: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
+@dataclass
+class Models:
+    root: Path
+    lm: Path  # megaloom checkpoint (llama flavour: RoPE, RMSNorm, SwiGLU, GQA)
+    lm_hf: Path
+    classifier: Path  # gpt2 flavour with a 3-label head
+    classifier_hf: Path
+
+
+def build_models(root: Path) -> Models:
+    rng = random.Random(0)
+    (root / "corpus.txt").write_text("\n".join(sentence(rng, 12) for _ in range(300)) + "\n")
+    tok = train_bpe([root / "corpus.txt"], vocab_size=320, out_path=root / "tokenizer.json",
+                    min_frequency=1, show_progress=False)
+    torch.manual_seed(0)
+    lm_config = ModelConfig(arch="llama", num_layers=2, hidden_size=64, num_heads=4,
+                            num_kv_heads=2, seq_len=64, vocab_size=tok.vocab_size,
+                            init_std=0.2)
+    lm = GPT(lm_config)
+    save_model_files(root / "lm", lm, Config(model=lm_config), root / "tokenizer.json")
+    export_hf(lm, Config(model=lm_config), root / "lm-hf", root / "tokenizer.json")
+    cls_config = ModelConfig(arch="gpt2", num_layers=2, hidden_size=32, num_heads=4, seq_len=64,
+                             vocab_size=tok.vocab_size, num_labels=len(LABELS), init_std=0.3)
+    classifier = GPT(cls_config)
+    config = Config(model=cls_config, task=TaskConfig(name="classify", labels=LABELS))
+    save_model_files(root / "cls", classifier, config, root / "tokenizer.json")
+    export_hf(classifier, config, root / "cls-hf", root / "tokenizer.json")
+    return Models(root, root / "lm", root / "lm-hf", root / "cls", root / "cls-hf")
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def documents(count: int = 5, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": sentence(rng, rng.randint(20, 90))} for _ in range(count)]
+
+
+def lambada_records(count: int = 12, seed: int = 2) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": sentence(rng, rng.randint(6, 20))} for _ in range(count)]
+
+
+def choice_records(count: int = 12, seed: int = 3) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"context": sentence(rng, rng.randint(4, 12)),
+             "choices": [sentence(rng, rng.randint(1, 4)) for _ in range(rng.randint(2, 4))],
+             "label": 0} for _ in range(count)]
+
+
+def with_labels(records: list[dict], seed: int = 4) -> list[dict]:
+    rng = random.Random(seed)
+    return [{**r, "label": rng.randrange(len(r["choices"]))} for r in records]
+
+
+def classify_records(count: int = 30, seed: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": sentence(rng, rng.randint(3, 15)), "label": rng.choice(LABELS)}
+            for _ in range(count)]
+
+
+def megaloom(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megaloom", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
