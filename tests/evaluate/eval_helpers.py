@@ -12,10 +12,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "lm_eval"
+sys.path.insert(0, str(EXAMPLES))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import make_data  # noqa: E402  (examples/lm_eval: the toy grammar the test model learns)
 import torch  # noqa: E402
 
 from megaloom.config import Config, ModelConfig, TaskConfig  # noqa: E402
@@ -24,8 +27,7 @@ from megaloom.interop.hf import export_hf  # noqa: E402
 from megaloom.model.gpt import GPT  # noqa: E402
 from megaloom.train.checkpoint import save_model_files  # noqa: E402
 
-WORDS = ("the river runs past a quiet town where old sailors tell stories of storms and bright "
-         "mornings while children play near the stone bridge").split()
+WORDS = [word for subject in make_data.SUBJECTS for word in subject.split()]
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -43,15 +45,14 @@ class Models:
 
 
 def build_models(root: Path) -> Models:
-    rng = random.Random(0)
-    (root / "corpus.txt").write_text("\n".join(sentence(rng, 12) for _ in range(300)) + "\n")
+    (root / "corpus.txt").write_text(make_data.corpus(600, seed=0))
     tok = train_bpe([root / "corpus.txt"], vocab_size=320, out_path=root / "tokenizer.json",
                     min_frequency=1, show_progress=False)
     torch.manual_seed(0)
     lm_config = ModelConfig(arch="llama", num_layers=2, hidden_size=64, num_heads=4,
                             num_kv_heads=2, seq_len=64, vocab_size=tok.vocab_size,
                             init_std=0.2)
-    lm = GPT(lm_config)
+    lm = fit(GPT(lm_config), tok.encode((root / "corpus.txt").read_text()))
     save_model_files(root / "lm", lm, Config(model=lm_config), root / "tokenizer.json")
     export_hf(lm, Config(model=lm_config), root / "lm-hf", root / "tokenizer.json")
     cls_config = ModelConfig(arch="gpt2", num_layers=2, hidden_size=32, num_heads=4, seq_len=64,
@@ -63,6 +64,26 @@ def build_models(root: Path) -> Models:
     return Models(root, root / "lm", root / "lm-hf", root / "cls", root / "cls-hf")
 
 
+def fit(model: GPT, ids: list[int], steps: int = 14) -> GPT:
+    """A few AdamW steps on the corpus, so greedy predictions are often right (a random model
+    would make every argmax check trivially false)."""
+    data = torch.tensor(ids)
+    seq = model.config.seq_len
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq - 1, (16,), generator=generator)
+        batch = torch.stack([data[i:i + seq + 1] for i in starts.tolist()])
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits[..., :model.config.vocab_size].reshape(-1, model.config.vocab_size),
+            batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -70,24 +91,19 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def documents(count: int = 5, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
-    return [{"text": sentence(rng, rng.randint(20, 90))} for _ in range(count)]
+    return [{"text": make_data.corpus(rng.randint(2, 12), seed + i)} for i in range(count)]
 
 
 def lambada_records(count: int = 12, seed: int = 2) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"text": sentence(rng, rng.randint(6, 20))} for _ in range(count)]
+    return make_data.tasks(count, seed)["cloze"]
 
 
 def choice_records(count: int = 12, seed: int = 3) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"context": sentence(rng, rng.randint(4, 12)),
-             "choices": [sentence(rng, rng.randint(1, 4)) for _ in range(rng.randint(2, 4))],
-             "label": 0} for _ in range(count)]
+    return make_data.tasks(count, seed)["choice"]
 
 
-def with_labels(records: list[dict], seed: int = 4) -> list[dict]:
-    rng = random.Random(seed)
-    return [{**r, "label": rng.randrange(len(r["choices"]))} for r in records]
+def generate_records(count: int = 6, seed: int = 7) -> list[dict]:
+    return make_data.tasks(count, seed)["generate"]
 
 
 def classify_records(count: int = 30, seed: int = 5) -> list[dict]:

@@ -3,13 +3,12 @@ generations, and the classify task against scikit-learn on the exported Hugging 
 classifier's own predictions."""
 
 import json
-import random
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
-from eval_helpers import LABELS, classify_records, sentence, write_jsonl
+from eval_helpers import LABELS, classify_records, generate_records, write_jsonl
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
@@ -17,12 +16,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from megaloom.cli import main
 from megaloom.evaluate.metrics import bootstrap_interval, split_sentences
-
-
-def generate_records(count=6, seed=7):
-    rng = random.Random(seed)
-    return [{"prompt": sentence(rng, 6), "reference": f"{sentence(rng, 5)}. {sentence(rng, 4)}."}
-            for _ in range(count)]
 
 
 def test_generate_rouge_equals_rouge_score(tmp_path, models):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from eval_helpers import choice_records, lambada_records, with_labels, write_jsonl
+from eval_helpers import choice_records, lambada_records, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megaloom.cli import main
@@ -53,7 +53,7 @@ def test_lambada_equals_transformers(tmp_path, models, hf):
 
 
 def test_choice_equals_transformers(tmp_path, models, hf):
-    records = with_labels(choice_records())
+    records = choice_records()
     report = run(tmp_path, models.lm, "choice", records)
     acc, acc_norm = [], []
     for record, sample in zip(records, report["samples"], strict=True):
