@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -96,9 +97,8 @@ class Scorer:
         for row, window in enumerate(windows):
             begin = len(window.tokens) - 1 - window.scored - first
             rows = logits[row, begin:begin + window.scored, :self.vocab_size].float()
-            logprobs = torch.log_softmax(rows, dim=-1)
-            targets = torch.as_tensor(window.tokens[-window.scored:], device=logprobs.device)
-            chosen = logprobs.gather(-1, targets[:, None])[:, 0]
-            greedy = bool((logprobs.argmax(-1) == targets).all())
+            targets = torch.as_tensor(window.tokens[-window.scored:], device=rows.device)
+            chosen = -F.cross_entropy(rows, targets, reduction="none")  # fused log-softmax
+            greedy = bool((rows.argmax(-1) == targets).all())
             out.append(Scored(chosen.tolist(), greedy))
         return out
