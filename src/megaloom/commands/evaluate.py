@@ -17,9 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from megaloom.commands.generate import add_sampling_arguments
-from megaloom.errors import MegaloomError
-from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink, JsonlSink
+from megaloom.commands.generate import add_sampling_arguments, open_sinks
+from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink
 from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
 
 NAME = "evaluate"
@@ -113,20 +112,6 @@ def run(args: argparse.Namespace) -> int:
         for sink in sinks:
             sink.close()
     return 0
-
-
-def open_sinks(args: argparse.Namespace) -> list:
-    sinks: list = []
-    try:
-        if getattr(args, "output", None):
-            sinks.append(JsonlSink(args.output))
-        if args.db:
-            sinks.append(DatabaseSink(args.db))
-    except MegaloomError:
-        for sink in sinks:
-            sink.close()
-        raise
-    return sinks
 
 
 def confusion_path(args: argparse.Namespace) -> Path | None:
