@@ -120,7 +120,10 @@ class RequestHandle:
 
 
 class _Sequence:
-    """One draft in flight: its tokens, sampling state and cache slot."""
+    """One draft in flight: its tokens, sampling state and cache slot. `number` is unique for
+    the life of the process (unlike `id()`, which a new object may reuse)."""
+
+    _numbers = itertools.count()
 
     def __init__(self, output: RequestOutput, index: int, request: Request,
                  stream: TextStream | None, generator: torch.Generator | None,
@@ -136,6 +139,7 @@ class _Sequence:
         self.stop_ids = stop_ids
         self.slot = -1
         self.cancelled = False
+        self.number = next(self._numbers)
 
     @property
     def length(self) -> int:
@@ -209,7 +213,7 @@ class Engine:
 
     def add_request(self, request: Request) -> RequestHandle:
         """Validate and queue a request; it joins the batch at the next `step()`."""
-        params = request.params.validate()
+        params = request.params.validate().for_vocabulary(self.vocab_size)
         prompt_ids = self._prompt_ids(request.prompt)
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer")
@@ -242,6 +246,14 @@ class Engine:
         for seq in itertools.chain(self.waiting, self.running):
             if seq.output.request_id == request_id:
                 seq.cancelled = True
+
+    def abort_all(self) -> None:
+        """Drop every waiting and running request (after a failed `step()`): the engine is
+        empty again and takes new requests."""
+        self.waiting.clear()
+        self.running.clear()
+        self._outputs.clear()
+        self._sampler_key, self._sampler = (), None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -346,7 +358,7 @@ class Engine:
                 events: list[Event]) -> None:
         """Choose the next token of each sequence from the model's output at its last
         position (logits, or final hidden states when the engine applies the head)."""
-        key = tuple(id(s) for s in seqs)
+        key = tuple(s.number for s in seqs)  # never id(): a finished draft's id is reused
         if key != self._sampler_key:
             self._sampler_key = key
             self._sampler = BatchSampler([s.params for s in seqs], [s.generator for s in seqs],

@@ -6,10 +6,12 @@ Owns only the values and the rules they must satisfy; how they act on logits liv
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from megaloom.errors import MegaloomError
+
+MAX_SEED = 2**63 - 2**20  # draft i samples with seed + i; torch generators take 64-bit seeds
 
 
 class SamplingError(MegaloomError):
@@ -81,6 +83,19 @@ class SamplingParams:
                "must be non-empty strings")
         _check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "must be token ids >= 0")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < MAX_SEED),
+               "seed", self.seed, "must be an integer in [0, 2**63 - 2**20)")
+        return self
+
+    def for_vocabulary(self, vocab_size: int) -> SamplingParams:
+        """These params checked against a model's vocabulary: `top_k` at or above it keeps
+        every token (so it is 0, off); more alternatives or stop ids than it has are errors."""
+        _check(self.logprobs is None or self.logprobs <= vocab_size, "logprobs", self.logprobs,
+               f"must be <= the vocabulary size ({vocab_size})")
+        _check(all(t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, f"must be token ids below the vocabulary size ({vocab_size})")
+        if self.top_k >= vocab_size:
+            return replace(self, top_k=0)
         return self
 
     def to_dict(self) -> dict[str, Any]:

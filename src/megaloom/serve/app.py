@@ -65,9 +65,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, *,
     async def health() -> Response:
         if driver.alive:
             return JSONResponse({"status": "ok"})
-        reason = (f"engine failed: {driver.error!r}" if driver.error is not None
-                  else "engine is not running")
-        return error_response(503, reason, code="engine_unavailable")
+        return error_response(503, "engine is not running", code="engine_unavailable")
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -9,7 +9,8 @@ through `loop.call_soon_threadsafe` into the `Job` of the HTTP request that aske
 Capacity is counted in sequences (a prompt with `n` drafts is `n` sequences): at most
 `max_batch_size` run and `max_queue` wait; a submission that does not fit is refused with
 `QueueFull` (HTTP 429). `stop()` refuses new work and lets in-flight requests finish. If a
-step raises, every in-flight request fails and the driver reports itself dead (`/health`).
+step raises, the requests in that batch fail (HTTP 500) and the engine is emptied; the driver
+keeps serving the requests that come after.
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class EngineDriver:
         self._cancels: list[str] = []
         self._outstanding = 0  # sequences submitted and not finished
         self._stopping = False
-        self._error: BaseException | None = None
         self._counter = 0
         self._jobs: dict[int, Job] = {}  # jobs with unfinished sequences, by id()
         self._outbox: list[tuple[Job, tuple[int, Event]]] = []  # this step's events
@@ -140,19 +140,13 @@ class EngineDriver:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None and not self._stopping
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
+        return self._thread.is_alive() and not self._stopping
 
     def submit(self, prompts: Sequence[list[int]], params: SamplingParams) -> Job:
         """Queue one engine request per prompt (validated by the caller); all or nothing."""
         loop = asyncio.get_running_loop()
         sequences = len(prompts) * params.n
         with self._lock:
-            if self._error is not None:
-                raise DriverStopped(f"the engine failed and cannot serve: {self._error!r}")
             if self._stopping:
                 raise DriverStopped("the server is shutting down")
             if self._outstanding + sequences > self.capacity:
@@ -209,10 +203,11 @@ class EngineDriver:
                 continue
             try:
                 engine.step()
-            except Exception as exc:  # a bug or a device failure: fail loudly, stop serving
-                log.exception("engine step failed; the server stops generating")
-                self._fail_all(exc)
-                return
+            except Exception as exc:  # a bug or a device failure: fail this batch, go on
+                log.exception("engine step failed; the requests in flight fail")
+                engine.abort_all()
+                self._fail_in_flight(exc)
+                continue
             self._flush()
             self.metrics.running.set(len(engine.running))
             self.metrics.queue_depth.set(len(engine.waiting))
@@ -265,13 +260,17 @@ class EngineDriver:
             if not any(s.open_sequences for s in job.slots):
                 self._jobs.pop(id(job), None)
 
-    def _fail_all(self, exc: BaseException) -> None:
-        error = DriverStopped(f"the engine failed: {exc!r}")
+    def _fail_in_flight(self, exc: BaseException) -> None:
+        error = APIError(500, f"generation failed: {exc!r}", code="engine_error")
         with self._lock:
-            self._error = exc
-            self._inbox = []
-            jobs = list(self._jobs.values())
-            self._jobs.clear()
+            self._outbox = []
+            waiting = {id(job) for job, _ in self._inbox}  # submitted during the step: kept
+            jobs = [job for key, job in self._jobs.items() if key not in waiting]
+            for job in jobs:
+                del self._jobs[id(job)]
+                self._outstanding -= sum(s.open_sequences for s in job.slots)
+                for slot in job.slots:
+                    slot.open_sequences = 0
         for job in jobs:
             job.loop.call_soon_threadsafe(job.queue.put_nowait, error)
 

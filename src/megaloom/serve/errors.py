@@ -59,7 +59,14 @@ def error_response(status: int, message: str, param: str | None = None,
 def validation_error(exc: RequestValidationError) -> APIError:
     """The first pydantic error of a request body as a 400 naming the top-level field."""
     errors = exc.errors()
+    # Text that is not valid Unicode fails every member of a union: that is the reason to give.
+    errors = [e for e in errors if "lone surrogate" in str(e.get("msg"))] or errors
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if "lone surrogate" in str(first.get("msg")):
+        loc = [str(part) for part in first.get("loc", ())  # without union member tags
+               if part != "body" and "[" not in str(part)]
+        return APIError(400, f"{'.'.join(loc)}: {first['msg'].removeprefix('Value error, ')}",
+                        param=loc[0] if loc else None, code="invalid_unicode")
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")

@@ -11,9 +11,24 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from megaloom.infer import SamplingParams
+from megaloom.infer.params import MAX_SEED
+
+
+def _unicode(value: str) -> str:
+    """Text that UTF-8 can carry: JSON admits lone surrogates (`"\\ud800"`), tokenizers do not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (invalid Unicode); send valid UTF-8 text"
+                         ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED - 1)]
 
 NonNegInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -37,8 +52,8 @@ class SamplingFields(Strict):
     top_p: Probability | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
-    stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
@@ -62,7 +77,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: NonNegInt | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
@@ -70,12 +85,12 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     @property
@@ -95,7 +110,7 @@ class ChatRequest(SamplingFields):
 
 class TokenizeRequest(Strict):
     model: str | None = None
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = False
 
 
@@ -107,13 +122,13 @@ class DetokenizeRequest(Strict):
 class MegatronRequest(Strict):
     """Megatron-LM's `PUT /api` body (text generation server), with its ranges."""
 
-    prompts: Annotated[list[Annotated[str, Field(min_length=1)]],
+    prompts: Annotated[list[Annotated[Text, Field(min_length=1)]],
                        Field(min_length=1, max_length=128)]
     tokens_to_generate: NonNegInt = 64
     logprobs: bool = False
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     top_k: Annotated[int, Field(ge=0, le=1000)] = 0
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    random_seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    random_seed: Seed | None = None
     stop_token: NonNegInt | None = None
     add_BOS: bool = False  # noqa: N815 (Megatron's field name)
