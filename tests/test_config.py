@@ -33,6 +33,23 @@ def test_unknown_key_suggests_close_match():
         ("train.global_batch_size=12", "train.global_batch_size: 12 is not a multiple"),
         ("model.num_kv_heads=3", "model.num_kv_heads"),
         ("train", "must look like key.sub=value"),
+        ("model.init_std=-1", "model.init_std: must be > 0"),
+        ("model.ffn_hidden_size=0", "model.ffn_hidden_size: must be >= 1"),
+        ("model.rope_theta=0", "model.rope_theta: must be > 0"),
+        ("model.norm_eps=.nan", "model.norm_eps"),
+        ("train.adam_beta1=2", "train.adam_beta1: must be in"),
+        ("train.adam_beta2=-0.1", "train.adam_beta2: must be in"),
+        ("train.adam_eps=0", "train.adam_eps: must be > 0"),
+        ("train.lr=inf", "train.lr: must be finite"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.grad_clip=.inf", "train.grad_clip: must be finite"),
+        ("train.weight_decay=-1", "train.weight_decay: must be >= 0"),
+        ("train.lr_decay_steps=-5", "train.lr_decay_steps: must be >= 1"),
+        ("train.initial_loss_scale=0", "train.initial_loss_scale: must be > 0"),
+        ("train.loss_scale_window=0", "train.loss_scale_window: must be >= 1"),
+        ("train.eval_iters=0", "train.eval_iters: must be >= 1"),
+        ("parallel.timeout_s=inf", "parallel.timeout_s: must be finite"),
+        ("task.lora.alpha=inf", "task.lora.alpha: must be finite"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
@@ -64,6 +81,25 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         load_config(bad)
+    bad.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(bad)
+    bad.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        load_config(bad)
+
+
+def test_an_absent_accelerator_is_a_config_error():
+    import torch
+
+    from megaloom.utils.device import resolve_device
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    with pytest.raises(ConfigError, match="no accelerator"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("floppy")
 
 
 def test_shipped_recipes_load():

@@ -128,6 +128,10 @@ class ModelConfig:
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
         _require(self.num_labels >= 0, "model.num_labels", "must be >= 0 (0: language model)")
+        _require(self.ffn_hidden_size >= 1, "model.ffn_hidden_size", "must be >= 1")
+        _require(self.init_std > 0, "model.init_std", "must be > 0")
+        _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+        _require_finite(self, "model")
 
 
 def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
@@ -205,6 +209,16 @@ class TrainConfig:
         _require(self.log_interval >= 1, "train.log_interval", "must be >= 1")
         _require(self.exit_at_step is None or self.exit_at_step >= 1, "train.exit_at_step",
                  "must be >= 1")
+        _require(self.lr_decay_steps is None or self.lr_decay_steps >= 1,
+                 "train.lr_decay_steps", "must be >= 1 (or unset: max_steps - warmup_steps)")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(0 <= self.adam_beta1 < 1, "train.adam_beta1", "must be in [0, 1)")
+        _require(0 <= self.adam_beta2 < 1, "train.adam_beta2", "must be in [0, 1)")
+        _require(self.adam_eps > 0, "train.adam_eps", "must be > 0")
+        _require(self.initial_loss_scale > 0, "train.initial_loss_scale", "must be > 0")
+        _require(self.loss_scale_window >= 1, "train.loss_scale_window", "must be >= 1")
+        _require(self.eval_iters >= 1, "train.eval_iters", "must be >= 1")
+        _require_finite(self, "train")
 
 
 @dataclass
@@ -222,6 +236,7 @@ class ParallelConfig:
     def validate(self) -> None:
         _require(self.timeout_s > 0, "parallel.timeout_s", "must be > 0 (seconds a rank waits "
                  "in a collective before failing)")
+        _require_finite(self, "parallel")
 
 
 LORA_TARGETS = ("qkv", "proj", "up", "gate", "down")
@@ -246,6 +261,7 @@ class LoraConfig:
         _require(not unknown, "task.lora.targets",
                  f"unknown module(s) {unknown}; choose from {', '.join(LORA_TARGETS)}")
         _require(bool(self.targets), "task.lora.targets", "must name at least one module")
+        _require_finite(self, "task.lora")
 
 
 @dataclass
@@ -337,6 +353,14 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_finite(section: object, name: str) -> None:
+    """Every float field of `section` is a finite number (no inf, no nan)."""
+    for item in fields(section):
+        value = getattr(section, item.name)
+        if isinstance(value, float):
+            _require(math.isfinite(value), f"{name}.{item.name}", f"must be finite, got {value}")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -359,10 +383,12 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -85,3 +85,18 @@ def layout_problems(model: ModelConfig, spec: LayoutSpec) -> list[tuple[str, str
                              f"and dp rank ({spec.global_batch // per_rank}) must be a multiple "
                              f"of parallel.pp={pp}"))
     return problems
+
+
+def launch_problem(config, world: int) -> str | None:
+    """Why a `Config` cannot run on `world` processes (checked before torchrun starts them, so
+    the user reads one line instead of one traceback per rank); None when it can."""
+    par, train = config.parallel, config.train
+    if world % (par.tp * par.pp):
+        return (f"--nproc {world} is not a multiple of parallel.tp x parallel.pp = "
+                f"{par.tp} x {par.pp}")
+    spec = LayoutSpec(tp=par.tp, pp=par.pp, vpp=par.vpp, dp=world // (par.tp * par.pp),
+                      sequence_parallel=par.sequence_parallel,
+                      micro_batch=train.micro_batch_size, global_batch=train.global_batch_size,
+                      activation_checkpointing=train.activation_checkpointing)
+    problems = layout_problems(config.model, spec)
+    return problems[0][1] if problems else None

@@ -41,7 +41,7 @@ def test_attention_matches_naive_reference(arch, kv):
     from megaloom.model.gpt import AttentionContext
 
     rope = rope_tables(cfg, positions, x.dtype) if arch == "llama" else None
-    got = attn(x, AttentionContext(positions=positions, rope=rope))
+    got = attn(x, AttentionContext(rope=rope))
     torch.testing.assert_close(got, naive_attention(attn, x, cfg, positions))
 
 

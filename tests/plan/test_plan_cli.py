@@ -72,6 +72,15 @@ def test_search_json(capsys):
     (["tiny", "--search"], "--search needs --gpus"),
     (["tiny", "--search", "--gpus", "2", "--tp", "2"], "--search chooses --tp itself"),
     (["tiny", "--search", "--gpus", "2"], "--search needs --global-batch"),
+    (["tiny", "--tokens", "nan"], "--tokens must be a finite number > 0"),
+    (["tiny", "--tokens", "inf"], "--tokens must be a finite number > 0"),
+    (["tiny", "--tokens", "1e400"], "--tokens must be a finite number > 0"),
+    (["tiny", "--tflops", "nan"], "--tflops must be a finite number > 0"),
+    (["tiny", "--mfu", "1.5"], "--mfu must be in (0, 1]"),
+    (["tiny", "--allowance-gib", "nan"], "--allowance-gib must be a finite number >= 0"),
+    (["tiny", "--tp", "0"], "--tp must be >= 1"),
+    (["tiny", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
+    (["gpt3-175b", "--search", "--gpus", "7", "--global-batch", "8"], "no layout exists"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
     assert main(["plan", *argv]) == 2

@@ -99,3 +99,15 @@ def test_a_new_draft_never_reuses_a_finished_drafts_sampler(loaded):
         stale = engine._sampler
         again = engine.generate([Request("the", params)])[0].completions[0].token_ids
         assert engine._sampler is not stale and again == first
+
+
+def test_tokenizer_info_names_the_special_tokens_the_export_writes(client, loaded, tmp_path):
+    """One source for special tokens: `/tokenizer_info` and `megaloom convert`'s
+    tokenizer_config.json agree."""
+    from megaloom.interop.tokenizer_files import write_tokenizer_files
+
+    info = client.get("/tokenizer_info").json()
+    write_tokenizer_files(loaded.tokenizer_path, tmp_path, 128)
+    written = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert info["bos_token"] == written["bos_token"] == "<|endoftext|>"
+    assert info["eos_token"] == written["eos_token"]

@@ -118,3 +118,19 @@ def test_tensorboard_event_files(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
     assert "lr" in events.Tags()["scalars"]
+
+
+def test_metrics_hold_each_step_once_after_restarts(tmp_path):
+    """Records written after the last checkpoint are redone by the next run: they are dropped
+    on resume, and a fresh start (no checkpoint) begins a fresh file."""
+    make_trainer(tmp_path, save_interval=3, exit_at_step=5).run()  # saves at 3 and at exit (5)
+    (tmp_path / "metrics.jsonl").open("a").write('{"step": 7, "loss": 1.0}\n')  # a lost tail
+    resumed = make_trainer(tmp_path)
+    resumed.resume(tmp_path)
+    resumed.run()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+    fresh = make_trainer(tmp_path / "other", max_steps=3)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n' * 3)
+    fresh.run()
+    assert [r["step"] for r in read_metrics(tmp_path / "other" / "metrics.jsonl")] == [1, 2, 3]

@@ -117,7 +117,10 @@ def read_prompts(given: list[str], file: str | None, stdin: TextIO) -> list[str]
         path = Path(file)
         if not path.is_file():
             raise DataError(f"prompts file not found: {path}")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         source = str(path)
     else:
         if stdin.isatty():

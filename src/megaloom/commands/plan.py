@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from megaloom.plan import Layout, PlanError, estimate, get_gpu, search
 from megaloom.plan.gpus import GIB, GPUS
 from megaloom.plan.layout import PRECISIONS, RECOMPUTE_CHOICES
 from megaloom.plan.report import format_plan, format_search
+from megaloom.plan.search import candidate_layouts
 
 NAME = "plan"
 HELP = "Estimate parameters, memory per GPU, FLOPs and training time of a model and layout."
@@ -128,9 +130,25 @@ def _layout(args: argparse.Namespace, recipe: Config | None) -> Layout:
 _SEARCHED = ("tp", "pp", "micro_batch", "recompute", "sequence_parallel")
 
 
+_POSITIVE_INTS = ("gpus", "gpus_per_node", "tp", "pp", "vpp", "micro_batch", "global_batch",
+                  "seq_len")
+
+
 def _check_options(args: argparse.Namespace) -> None:
-    if args.allowance_gib < 0:
-        raise PlanError(f"--allowance-gib must be >= 0, got {args.allowance_gib}")
+    """Every numeric flag finite and in range, as one line naming it."""
+    for name in _POSITIVE_INTS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PlanError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name, value, low, high in (("tokens", args.tokens, 0.0, math.inf),
+                                   ("tflops", args.tflops, 0.0, math.inf),
+                                   ("mfu", args.mfu, 0.0, 1.0)):
+        if value is not None and not (math.isfinite(value) and low < value <= high):
+            rule = "in (0, 1]" if high == 1.0 else "a finite number > 0"
+            raise PlanError(f"--{name} must be {rule}, got {value}")
+    if not (math.isfinite(args.allowance_gib) and args.allowance_gib >= 0):
+        raise PlanError(f"--allowance-gib must be a finite number >= 0, got "
+                        f"{args.allowance_gib}")
     if args.top < 0:
         raise PlanError(f"--top must be >= 0, got {args.top}")
     if args.search:
@@ -162,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         base = _layout(argparse.Namespace(**{**vars(args), "tp": 1, "pp": 1}), recipe)
         plans = search(model, base, gpu, gpus_per_node=args.gpus_per_node, top=args.top,
                        **options)
+        if not plans and not any(candidate_layouts(model, base, args.gpus_per_node)):
+            raise PlanError(f"no layout exists for {model.num_layers} layers and "
+                            f"{model.num_heads} heads on --gpus {base.gpus} (tp x pp must "
+                            "divide it, tp the heads, and dp the global batch)")
         if args.json:
             print(json.dumps({"plans": [p.to_dict() for p in plans]}, indent=2))
         else:

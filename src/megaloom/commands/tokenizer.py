@@ -28,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = train_bpe(args.files, args.vocab_size, args.output, json_key=args.json_key,
                           min_frequency=args.min_frequency, skip_bad=args.skip_bad)
-    print(f"{args.output}  (vocab {tokenizer.vocab_size}, end-of-document id {tokenizer.eod_id})")
+    print(f"{tokenizer.source}  (vocab {tokenizer.vocab_size}, end-of-document id "
+          f"{tokenizer.eod_id})")
     return 0

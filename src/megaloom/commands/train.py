@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from megaloom.config import load_config
+from megaloom.config import ConfigError, load_config
 from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
 
 NAME = "train"
@@ -32,16 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megaloom.layout_rules import launch_problem
     from megaloom.train.run import build_trainer
 
-    if (args.nproc > 1 or args.max_restarts) and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc, args.command_line, args.max_restarts)
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     config = load_config(config_path, overrides)
+    if (args.nproc > 1 or args.max_restarts) and not under_torchrun():
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+        if not config.model.init_from and (problem := launch_problem(config, args.nproc)):
+            raise ConfigError(problem)
+        return relaunch_under_torchrun(args.nproc, args.command_line, args.max_restarts)
     trainer = build_trainer(config, resume=not args.no_resume)
     result = trainer.run()
     if not trainer.is_main:

@@ -11,17 +11,14 @@ blank line and ends with `Assistant:`, a plain-text layout base models continue 
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from megaloom.data.special_tokens import special_tokens, tokenizer_config
 from megaloom.errors import MegaloomError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: "
@@ -49,10 +46,11 @@ class ChatTemplate:
     def for_tokenizer(cls, tokenizer_path: str | Path | None, eos_token: str | None
                       ) -> ChatTemplate:
         """The template of `tokenizer_config.json` beside the tokenizer, else the default."""
-        config = _tokenizer_config(tokenizer_path)
+        config = tokenizer_config(tokenizer_path)
         template = config.get("chat_template")
-        bos = _token_text(config.get("bos_token"))
-        eos = _token_text(config.get("eos_token")) or eos_token
+        tokens = special_tokens(tokenizer_path) if tokenizer_path is not None else {}
+        bos = tokens.get("bos_token")
+        eos = tokens.get("eos_token") or eos_token
         if isinstance(template, list):  # named templates: take "default"
             template = next((t.get("template") for t in template
                              if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -71,24 +69,3 @@ class ChatTemplate:
 
 def _raise(message: str) -> None:
     raise TemplateError(message)
-
-
-def _tokenizer_config(tokenizer_path: str | Path | None) -> dict[str, Any]:
-    if tokenizer_path is None:
-        return {}
-    path = Path(tokenizer_path)
-    path = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
-        value = value.get("content")
-    return value if isinstance(value, str) else None

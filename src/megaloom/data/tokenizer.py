@@ -76,9 +76,6 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.hf.id_to_token(token_id)
-
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -93,6 +90,9 @@ class Tokenizer:
     def save(self, path: str | Path) -> None:
         """Write `tokenizer.json` atomically."""
         atomic_write_text(path, self.hf.to_str(pretty=True))
+
+
+MAX_VOCAB_SIZE = 1 << 21
 
 
 def train_bpe(
@@ -110,6 +110,12 @@ def train_bpe(
     if vocab_size < 256 + len(special_tokens):
         raise DataError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least "
                         f"256 byte tokens plus {len(special_tokens)} special token(s)")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise DataError(f"vocab size {vocab_size} is too large: at most {MAX_VOCAB_SIZE:,} "
+                        "(the largest published vocabularies are about 256k)")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        out_path = out_path / "tokenizer.json"
     paths = expand_inputs(files)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -123,7 +129,16 @@ def train_bpe(
     )
     bad = BadRecords() if skip_bad else None
     logger.info("training byte-level BPE (vocab %d) on %d file(s)", vocab_size, len(paths))
-    hf.train_from_iterator(iter_documents(paths, json_key, bad), trainer=trainer)
+    seen = [0]
+
+    def counted():
+        for text in iter_documents(paths, json_key, bad):
+            seen[0] += bool(text.strip())
+            yield text
+
+    hf.train_from_iterator(counted(), trainer=trainer)
+    if not seen[0]:
+        raise DataError(f"no text to train on in {', '.join(map(str, paths))}")
     if bad is not None and bad.count:
         logger.warning("skipped %d bad record(s)", bad.count)
     tokenizer = Tokenizer(hf, source=str(out_path))

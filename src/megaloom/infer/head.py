@@ -4,15 +4,14 @@ Decoding multiplies a few rows (one per running sequence) by the output head, a
 (vocab x hidden) matrix too large to stay in cache between steps, so on CPU each step waits
 on memory, and the head alone is about half of it. Two things make it cheaper there:
 
-- **Prepacked weights.** oneDNN's blocked weight layout streams a cache-cold 50k-row head
-  ~1.9x faster than `F.linear` on the training layout at 8 rows, ~1.4x at 16 and 1.15x at
-  32, and about as fast at 1 or 2 (measured on a 2-core AVX-512 CPU; `torch.ops.mkldnn`, the
-  ops `torch.compile` uses for CPU linears).
+- **Prepacked weights.** oneDNN's blocked weight layout streams a cache-cold head faster
+  than `F.linear` on the training layout at a few rows (`torch.ops.mkldnn`, the ops
+  `torch.compile` uses for CPU linears; figures in the README's benchmark table).
 - **Screened greedy.** A greedy step only needs the argmax. `PackedHead.greedy` computes all
   logits from a bf16 copy of the weight (half the bytes), bounds the error of every
   approximate logit rigorously (rounding of weights, inputs and output, fp32 accumulation),
   keeps only the tokens whose interval reaches the best lower bound, and recomputes those
-  few in fp32 (typically 1 to 3 of 50k). The true fp32 argmax is always among them, so the
+  few in fp32 (typically a handful). The true fp32 argmax is always among them, so the
   result is the fp32 greedy token, not an approximation; a row with too many candidates (or
   non-finite values) takes the full fp32 logits instead.
 

@@ -146,7 +146,7 @@ class DatabaseSink:
             METADATA.create_all(self.engine)
             with self.engine.connect() as conn:
                 conn.execute(sa.select(sa.func.count()).select_from(GENERATIONS))
-        except (ArgumentError, NoSuchModuleError) as exc:
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
             raise MegaloomError(f"bad database URL {url!r}: {exc}") from None
         except (SQLAlchemyError, ImportError) as exc:
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
-from megaloom.data.tokenizer import ENDOFTEXT, Tokenizer
-from megaloom.errors import DataError
+from megaloom.data.special_tokens import special_tokens
+from megaloom.data.tokenizer import Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[CLS]")
 
 
 def find_tokenizer(directory: str | Path) -> Path | None:
@@ -32,34 +30,6 @@ def copy_side_files(source_dir: Path, out_dir: Path) -> None:
     for name in SIDE_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token as written in `tokenizer_config.json`: a string or {"content": ...}."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def special_tokens(tokenizer_path: Path) -> dict[str, str | None]:
-    """bos/eos token texts: from `tokenizer_config.json` beside the tokenizer, else guessed."""
-    side = tokenizer_path.parent / SIDE_FILES[0]
-    if side.is_file():
-        try:
-            data = json.loads(side.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{side}: invalid JSON: {exc}") from exc
-        return {"bos_token": _token_text(data.get("bos_token")),
-                "eos_token": _token_text(data.get("eos_token"))}
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    try:
-        eos = tokenizer.eod_token
-    except DataError:
-        eos = None
-    bos = next((t for t in BOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
-    if bos is None and eos == ENDOFTEXT:  # GPT-2 uses <|endoftext|> for both
-        bos = eos
-    return {"bos_token": bos, "eos_token": eos}
 
 
 def write_tokenizer_files(tokenizer_path: str | Path, out_dir: Path, model_max_length: int

@@ -29,14 +29,13 @@ from megaloom.model.init import initial_values
 class AttentionContext:
     """Per-forward attention inputs shared by every layer.
 
-    `positions` (batch, seq) index RoPE tables and learned position embeddings. `kv_cache`, when
-    given, is an object with `update(layer_index, k, v) -> (k_all, v_all)` that stores the new
+    `rope` holds the (cos, sin) tables of this forward's positions. `kv_cache`, when given, is
+    an object with `update(layer_index, k, v) -> (k_all, v_all)` that stores the new
     keys/values (batch, kv_heads, seq, head_dim) and returns everything cached so far.
     `attn_mask` is a boolean (batch, 1, q_len, kv_len) mask where True means "may attend"; when
     None, plain causal attention over the current chunk is used.
     """
 
-    positions: torch.Tensor
     kv_cache: object | None = None
     attn_mask: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -228,8 +227,7 @@ class GPT(nn.Module):
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_tables(self.config, positions, x.dtype)
-        ctx = AttentionContext(positions=positions, kv_cache=kv_cache, attn_mask=attn_mask,
-                               rope=rope)
+        ctx = AttentionContext(kv_cache=kv_cache, attn_mask=attn_mask, rope=rope)
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)

@@ -8,14 +8,25 @@ from pathlib import Path
 from typing import Any
 
 from megaloom.errors import MegaloomError
+from megaloom.utils.io import atomic_write_text
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl` (flushed every record) plus optional TensorBoard scalars."""
+    """`metrics.jsonl` (flushed every record) plus optional TensorBoard scalars.
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = False):
+    A run that starts at `start_step` (0: from scratch, else the checkpoint it resumed) first
+    drops the records of later steps, which an earlier run wrote after its last checkpoint and
+    this run is about to redo: the file then holds each step once. `start_step=None` (ranks
+    that do not write) leaves the file alone."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False,
+                 start_step: int | None = 0):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _step_of(line) <= start_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._writer = None
         if tensorboard:
@@ -42,6 +53,14 @@ class MetricsLog:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line that is not a record counts as later than every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _json_number(value: Any) -> Any:

@@ -377,7 +377,8 @@ class Trainer:
         """Train until `max_steps` (or `exit_at_step`, or a signal); save and plot at the end."""
         cfg = self.cfg
         end = cfg.max_steps if cfg.exit_at_step is None else min(cfg.exit_at_step, cfg.max_steps)
-        metrics = MetricsLog(self.out_dir, cfg.tensorboard)
+        metrics = MetricsLog(self.out_dir, cfg.tensorboard,
+                             start_step=self.step if self.is_main else None)
         previous = self._install_signal_handlers()
         last_loss = val_loss = None
         last_saved = ckpt.find_latest(self.out_dir) if self.out_dir.exists() else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from megaloom.config import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks the current accelerator when one is available, else the CPU."""
@@ -14,7 +16,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}") from exc
+        raise ConfigError(f"unknown device {name!r} (auto, cpu or an accelerator)") from exc
     if device.type != "cpu" and not torch.accelerator.is_available():
-        raise ValueError(f"device {name!r} requested but no accelerator is available")
+        raise ConfigError(f"device {name!r} requested but no accelerator is available")
     return device
