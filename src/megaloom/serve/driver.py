@@ -48,7 +48,7 @@ class JobTimeout(APIError):
 
 
 @dataclass
-class _Slot:
+class _PromptRun:
     """One engine request of a job (one prompt with its n drafts)."""
 
     prompt_ids: list[int]
@@ -69,7 +69,7 @@ class Job:
     """
 
     driver: EngineDriver
-    slots: list[_Slot]
+    runs: list[_PromptRun]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     remaining: int = 0
@@ -77,7 +77,7 @@ class Job:
 
     @property
     def outputs(self) -> list[RequestOutput | None]:
-        return [s.output for s in self.slots]
+        return [s.output for s in self.runs]
 
     @property
     def finished(self) -> bool:
@@ -104,13 +104,13 @@ class Job:
         """Run to the end; return the finished outputs, one per prompt."""
         async for _ in self.events(timeout):
             pass
-        return [s.output for s in self.slots]
+        return [s.output for s in self.runs]
 
     def cancel(self) -> None:
         """Stop every unfinished draft (client gone, timeout); idempotent."""
         if not self.cancelled and self.remaining:
             self.cancelled = True
-            self.driver.cancel([s.request_id for s in self.slots])
+            self.driver.cancel([s.request_id for s in self.runs])
 
 
 class EngineDriver:
@@ -156,15 +156,15 @@ class EngineDriver:
                                    param="n", code="too_many_sequences")
                 raise QueueFull(retry_after=1)
             now = time.perf_counter()
-            slots = []
+            runs = []
             for ids in prompts:
                 self._counter += 1
-                slots.append(_Slot(list(ids), params, f"srv-{self._counter}", now,
+                runs.append(_PromptRun(list(ids), params, f"srv-{self._counter}", now,
                                    open_sequences=params.n))
-            job = Job(self, slots, loop, remaining=sequences)
+            job = Job(self, runs, loop, remaining=sequences)
             self._outstanding += sequences
             self._jobs[id(job)] = job
-            self._inbox.extend((job, i) for i in range(len(slots)))
+            self._inbox.extend((job, i) for i in range(len(runs)))
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
             self._lock.notify()
         return job
@@ -213,35 +213,35 @@ class EngineDriver:
             self.metrics.queue_depth.set(len(engine.waiting))
 
     def _add(self, job: Job, index: int) -> None:
-        slot = job.slots[index]
+        run = job.runs[index]
 
         def on_event(event: Event) -> None:
             self._on_event(job, index, event)
 
-        request = Request(slot.prompt_ids, slot.params, request_id=slot.request_id,
+        request = Request(run.prompt_ids, run.params, request_id=run.request_id,
                           on_event=on_event)
         try:
-            slot.output = self.engine.add_request(request).output
+            run.output = self.engine.add_request(request).output
         except Exception as exc:  # validated before submission; this is a safety net
             log.exception("engine refused a request")
-            self._release(job, slot.open_sequences)
-            slot.open_sequences = 0
+            self._release(job, run.open_sequences)
+            run.open_sequences = 0
             error = APIError(400, str(exc), code="invalid_request")
             job.loop.call_soon_threadsafe(job.queue.put_nowait, error)
 
     def _on_event(self, job: Job, index: int, event: Event) -> None:
-        slot = job.slots[index]
+        run = job.runs[index]
         now = time.perf_counter()
         if event.token_id is not None:
             self.metrics.generation_tokens.inc()
-            if not slot.first_token:
-                slot.first_token = True
-                self.metrics.ttft.observe(now - slot.submitted)
+            if not run.first_token:
+                run.first_token = True
+                self.metrics.ttft.observe(now - run.submitted)
         if event.finish_reason is not None:
             self.metrics.finished.labels(event.finish_reason).inc()
-            slot.open_sequences -= 1
-            if slot.open_sequences == 0:
-                self.metrics.latency.observe(now - slot.submitted)
+            run.open_sequences -= 1
+            if run.open_sequences == 0:
+                self.metrics.latency.observe(now - run.submitted)
             self._release(job, 1)
         self._outbox.append((job, (index, event)))
 
@@ -257,7 +257,7 @@ class EngineDriver:
     def _release(self, job: Job, sequences: int) -> None:
         with self._lock:
             self._outstanding -= sequences
-            if not any(s.open_sequences for s in job.slots):
+            if not any(s.open_sequences for s in job.runs):
                 self._jobs.pop(id(job), None)
 
     def _fail_in_flight(self, exc: BaseException) -> None:
@@ -268,9 +268,9 @@ class EngineDriver:
             jobs = [job for key, job in self._jobs.items() if key not in waiting]
             for job in jobs:
                 del self._jobs[id(job)]
-                self._outstanding -= sum(s.open_sequences for s in job.slots)
-                for slot in job.slots:
-                    slot.open_sequences = 0
+                self._outstanding -= sum(s.open_sequences for s in job.runs)
+                for run in job.runs:
+                    run.open_sequences = 0
         for job in jobs:
             job.loop.call_soon_threadsafe(job.queue.put_nowait, error)
 
