@@ -32,10 +32,10 @@ import httpx
 import torch
 
 from benchmarks.common import machine_info, write_json
+from megaloom.checkpoint.files import save_model_files
 from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import train_bpe
 from megaloom.model.gpt import GPT
-from megaloom.train.checkpoint import save_model_files
 
 WORDS = ["the", "sea", "river", "house", "garden", "morning", "road", "kite", "writer", "sailor",
          "fox", "cat", "walks", "dreams", "remembers", "sings", "quiet", "bright", "long",

@@ -50,3 +50,22 @@ def test_tokenizer_output_may_name_a_directory(tmp_path):
     assert main(["tokenizer", "train", str(tmp_path / "a.txt"), "--vocab-size", "300",
                  "--output", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_a_full_disk_is_one_line(tmp_path, capfd, monkeypatch):
+    """A write that fails for lack of space, wherever it happens, says "disk full"."""
+    import errno
+
+    from megaloom.data.tokenizer import Tokenizer
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Tokenizer, "save", full)
+    write(tmp_path / "a.txt", "some text, some more text\n")
+    assert main(["tokenizer", "train", str(tmp_path / "a.txt"), "--vocab-size", "300",
+                 "--output", str(tmp_path / "t.json")]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "error: disk full: [Errno 28] No space left on device" in lines[0]
+    assert "Traceback" not in err

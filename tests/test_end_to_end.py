@@ -4,6 +4,7 @@ checkpoint -> resume -> generate, plus the CLI's handling of bad input."""
 import json
 
 import pytest
+import torch
 
 from megaloom.cli import main
 from megaloom.train.metrics import read_metrics
@@ -53,10 +54,28 @@ def test_train_resume_generate(prepared, tmp_path, capsys):
         r["val_loss"] for r in resumed if "val_loss" in r]
     for name in ("config.yaml", "loss.png", "metrics.jsonl"):
         assert (tmp_path / "resumed" / name).is_file()
-    capsys.readouterr()
+    out = tmp_path / "generated.jsonl"
     assert main(["generate", str(tmp_path / "resumed"), "The loom", "--max-tokens", "8",
-                 "--greedy"]) == 0
-    assert "The loom" in capsys.readouterr().out
+                 "--greedy", "--ignore-eos", "--output", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["completion_tokens"] == 8
+    assert record["completion"] == greedy_by_full_forward(tmp_path / "resumed", "The loom", 8)
+
+
+def greedy_by_full_forward(run, prompt, count):
+    """The reference: argmax of a plain forward over the whole sequence, token by token."""
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.loading import load_model
+
+    model, config, tokenizer_path = load_model(run)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    ids = tokenizer.encode(prompt)
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(count):
+            logits = model(torch.tensor([ids]))[0, -1, : config.model.vocab_size]
+            ids.append(int(logits.argmax()))
+    return tokenizer.decode(ids[start:])
 
 
 def test_cli_errors_are_one_line(prepared, tmp_path, capsys):

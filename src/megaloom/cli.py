@@ -16,7 +16,7 @@ import sys
 
 import megaloom.commands as commands_pkg
 from megaloom import __version__
-from megaloom.errors import USER_ERRORS
+from megaloom.errors import USER_ERRORS, describe_failure, is_disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
     except USER_ERRORS as exc:
         print(f"megaloom {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"megaloom {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"megaloom {args.command}: error: {describe_failure(exc)}", file=sys.stderr)
+        return 2
+    if code == 0 and "torch.distributed" in sys.modules:
+        from megaloom.parallel.topology import leave_distributed
+
+        leave_distributed()
+    return code

@@ -188,6 +188,7 @@ class TrainConfig:
     keep_last: int = 2
     tensorboard: bool = False
     exit_at_step: int | None = None
+    peak_tflops: float | None = None  # per device, for MFU (default: the GPU table; CPU none)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -218,6 +219,8 @@ class TrainConfig:
         _require(self.initial_loss_scale > 0, "train.initial_loss_scale", "must be > 0")
         _require(self.loss_scale_window >= 1, "train.loss_scale_window", "must be >= 1")
         _require(self.eval_iters >= 1, "train.eval_iters", "must be >= 1")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
+                 "must be > 0 (or unset: the GPU table's peak)")
         _require_finite(self, "train")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from megaloom.config import ConfigError
 
 
@@ -18,3 +20,17 @@ class CheckpointError(MegaloomError):
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (MegaloomError, ConfigError, FileNotFoundError)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for lack of space (an `OSError` with ENOSPC, or a
+    library error that passes the system's message on, as safetensors does)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed write: "disk full: ..." when it is one, else the message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"disk full: {text}" if is_disk_full(exc) else text

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from megaloom.checkpoint.reader import find_latest
 from megaloom.cli import main
-from megaloom.train import checkpoint as ckpt
+from megaloom.loading import load_model
 from megaloom.train.metrics import read_metrics
 
 SENTENCES = ["The loom weaves threads of text into cloth.", "Models predict the next token.",
@@ -136,8 +137,8 @@ def test_crash_while_writing_shards_keeps_the_last_checkpoint(data, tmp_path):
     assert killed.returncode == -signal.SIGKILL
     root = out / "checkpoints"
     assert (root / ".step_00000003.tmp").is_dir()
-    assert ckpt.find_latest(out).name == "step_00000002"
-    ckpt.load_model(out)
+    assert find_latest(out).name == "step_00000002"
+    load_model(out)
     assert main(train_args(data, out, "train.max_steps=3")) == 0
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002",
                                                       "step_00000003"]

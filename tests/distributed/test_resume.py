@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from harness import spawn
 
+from megaloom.checkpoint.reader import find_latest
 from megaloom.config import Config, ModelConfig, ParallelConfig, TrainConfig
-from megaloom.train import checkpoint as ckpt
+from megaloom.loading import load_model
 from megaloom.train.metrics import read_metrics
 from megaloom.train.trainer import Trainer
 
@@ -27,7 +28,7 @@ def make_trainer(out_dir, tp=1, pp=1, exit_at_step=None, vpp=1, zero=False):
         parallel=ParallelConfig(tp=tp, pp=pp, vpp=vpp, distributed_optimizer=zero),
     )
     trainer = Trainer.create(cfg, DATA, DATA[:50])
-    if ckpt.find_latest(out_dir) is not None:
+    if find_latest(out_dir) is not None:
         trainer.resume(out_dir)
     return trainer
 
@@ -40,7 +41,7 @@ def test_resume_across_layouts(tmp_path):
     make_trainer(tmp_path / "straight").run()
     run = tmp_path / "changing"
     spawn(_run_layout, 4, str(run), 2, 2, 2, 2)
-    assert ckpt.find_latest(run).name == "step_00000002"
+    assert find_latest(run).name == "step_00000002"
     make_trainer(run, exit_at_step=4).run()
     spawn(_run_layout, 4, str(run), 4, 1, 6)
     spawn(_run_layout, 4, str(run), 2, 1, None, 1, True)  # tp2 x dp2, ZeRO-1 shards
@@ -54,8 +55,8 @@ def test_resume_across_layouts(tmp_path):
                 torch.testing.assert_close(
                     have[key], want[key], rtol=2e-5, atol=0,
                     msg=f"step {want['step']} {key}: {have[key]} vs {want[key]}")
-    final, _, _ = ckpt.load_model(run)
-    straight, _, _ = ckpt.load_model(tmp_path / "straight")
+    final, _, _ = load_model(run)
+    straight, _, _ = load_model(tmp_path / "straight")
     for (name, a), b in zip(straight.state_dict().items(), final.state_dict().values(),
                             strict=True):
         # fp32: Adam turns rounding noise in (theoretically zero) key-bias gradients into

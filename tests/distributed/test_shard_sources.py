@@ -14,15 +14,15 @@ from hf_reference import hf_model  # noqa: E402
 
 from megaloom.config import Config, ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from megaloom.interop.weight_files import LazySafetensors  # noqa: E402
+from megaloom.loading import load_model, open_weights  # noqa: E402
 from megaloom.parallel.build import build_shard  # noqa: E402
 from megaloom.parallel.parallelize import gather_full_state_dict  # noqa: E402
 from megaloom.parallel.topology import Topology  # noqa: E402
-from megaloom.train import checkpoint as ckpt  # noqa: E402
 from megaloom.train.trainer import Trainer  # noqa: E402
 
 
 def _build(rank, world, spec, tp, pp, out, reads):
-    config, _, source = ckpt.open_weights(spec)
+    config, _, source = open_weights(spec)
     if reads:
         original = LazySafetensors.__getitem__
         counted = []
@@ -48,7 +48,7 @@ def test_tp_pp_ranks_built_from_a_sharded_checkpoint_equal_the_saved_model(tmp_p
         "shard_*"))
     assert saved == [f"shard_0000{r}.safetensors" for r in range(4)]  # every rank wrote its own
     spawn(_build, 2, str(tmp_path / "run"), 2, 1, str(tmp_path / "tp2.pt"), False)
-    reference, _, _ = ckpt.load_model(tmp_path / "run")
+    reference, _, _ = load_model(tmp_path / "run")
     rebuilt = torch.load(tmp_path / "tp2.pt")
     for name, tensor in reference.state_dict().items():
         assert torch.equal(rebuilt[name], tensor), name
@@ -63,7 +63,7 @@ def _train_and_save(rank, world, cfg):
 def test_tp_ranks_built_from_a_hugging_face_directory_equal_the_import(tmp_path):
     hf_model("llama-gqa-untied").save_pretrained(tmp_path / "hf")
     spawn(_build, 2, f"hf:{tmp_path / 'hf'}", 2, 1, str(tmp_path / "tp2.pt"), True)
-    reference, _, _ = ckpt.load_model(f"hf:{tmp_path / 'hf'}")
+    reference, _, _ = load_model(f"hf:{tmp_path / 'hf'}")
     rebuilt = torch.load(tmp_path / "tp2.pt")
     for name, tensor in reference.state_dict().items():
         assert torch.equal(rebuilt[name], tensor), name

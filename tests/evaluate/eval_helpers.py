@@ -21,11 +21,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import make_data  # noqa: E402  (examples/lm_eval: the toy grammar the test model learns)
 import torch  # noqa: E402
 
+from megaloom.checkpoint.files import save_model_files  # noqa: E402
 from megaloom.config import Config, ModelConfig, TaskConfig  # noqa: E402
 from megaloom.data.tokenizer import train_bpe  # noqa: E402
 from megaloom.interop.hf import export_hf  # noqa: E402
 from megaloom.model.gpt import GPT  # noqa: E402
-from megaloom.train.checkpoint import save_model_files  # noqa: E402
 
 WORDS = [word for subject in make_data.SUBJECTS for word in subject.split()]
 LABELS = ["negative", "neutral", "positive"]

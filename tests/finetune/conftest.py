@@ -7,10 +7,10 @@ import pytest
 import torch
 from finetune_helpers import WORDS, chat_records, cls_records, sft_records, write_jsonl
 
+from megaloom.checkpoint.files import save_model_files
 from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
 from megaloom.model.gpt import GPT
-from megaloom.train.checkpoint import save_model_files
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def make_trainer(
 ):
     """A fine-tuning trainer built exactly as `megaloom finetune` builds it (resumed when
     `out_dir` has a checkpoint)."""
-    from megaloom.train import checkpoint as ckpt
+    from megaloom.checkpoint.reader import find_latest
 
     config = finetune_config(out_dir, task=task, **config_fields)
     preparation = FinetunePreparation(
@@ -131,7 +131,7 @@ def make_trainer(
         prepared.task,
         prepared.adapt,
     )
-    if ckpt.find_latest(out_dir) is not None:
+    if find_latest(out_dir) is not None:
         trainer.resume(out_dir)
     trainer.preparation = preparation
     return trainer

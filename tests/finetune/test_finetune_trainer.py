@@ -5,7 +5,7 @@ only its adapters, and its merged checkpoint equals the unmerged model."""
 import torch
 from finetune_helpers import make_trainer
 
-from megaloom.train.checkpoint import load_model
+from megaloom.loading import load_model
 from megaloom.train.metrics import read_metrics
 
 

@@ -8,10 +8,11 @@ from finetune_helpers import make_trainer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from megaloom.checkpoint.reader import LazyState, open_checkpoint
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.finetune.peft_export import export_peft
 from megaloom.interop import export_hf, load_hf_model
-from megaloom.train.checkpoint import LazyState, load_model, open_checkpoint
+from megaloom.loading import load_model
 
 TEXTS = ["alpha beta green", "stone river quick small omega", "cloud"]
 

@@ -15,7 +15,7 @@ from finetune_helpers import make_trainer  # noqa: E402
 from harness import spawn  # noqa: E402
 
 from megaloom.finetune.report import write_report  # noqa: E402
-from megaloom.train.checkpoint import load_model  # noqa: E402
+from megaloom.loading import load_model  # noqa: E402
 from megaloom.train.metrics import read_metrics  # noqa: E402
 
 CASES = {
@@ -55,9 +55,12 @@ def test_parallel_finetuning_equals_one_process(workdir, tmp_path, name):
                                            msg=f"step {a['step']} {key}")
     ours, _, _ = load_model(tmp_path / "parallel")
     reference, _, _ = load_model(tmp_path / "single")
+    # Adam scales every update to about lr (1e-2 here), so reduction-order noise in an
+    # element's near-zero gradient becomes a visible weight difference (2.3e-5 seen in one
+    # of 8192 entries); 1e-4 is 1% of one step, far below what a wrong shard would give.
     for (key, a), b in zip(reference.state_dict().items(), ours.state_dict().values(),
                            strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=key)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=key)
     if case["task"] == "classify":
         import json
 

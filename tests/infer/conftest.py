@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megaloom.checkpoint.files import save_model_files
 from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import Tokenizer, train_bpe
 from megaloom.model.gpt import GPT
-from megaloom.train.checkpoint import save_model_files
 
 TEXT = """The quick brown fox jumps over the lazy dog.
 Pack my box with five dozen liquor jugs. The end of the story is near.

@@ -15,7 +15,7 @@ from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError, MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.infer.sinks import GENERATIONS
-from megaloom.train.checkpoint import load_model
+from megaloom.loading import load_model
 
 
 def expected_text(checkpoint: str, prompt: str, max_tokens: int) -> str:

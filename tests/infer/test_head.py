@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from megaloom.infer import Engine, SamplingError
-from megaloom.infer.head import PackedHead, packing_supported, row_argmax, screening_supported
+from megaloom.infer.head import (
+    LogitsHead,
+    PackedHead,
+    native_bf16,
+    packing_supported,
+    row_argmax,
+    screening_supported,
+)
 
 VOCAB = 1000
 
@@ -76,10 +83,16 @@ def test_row_argmax_equals_torch_argmax():
     assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
 
 
-def test_packed_head_serves_bf16_models(make_model):
-    """A bf16 model gets packed bf16 logits (no screen: they already are the model's own)."""
+def test_bf16_models_get_the_packed_head_where_the_cpu_has_bf16_kernels(make_model):
+    """A bf16 model gets packed bf16 logits where oneDNN has bf16 kernels (no screen: they
+    already are the model's own); elsewhere the plain head, and asking for packing fails."""
     model = make_model("llama").to(torch.bfloat16)
     engine = Engine(model, max_batch_size=2)
+    if not native_bf16():
+        assert isinstance(engine.head, LogitsHead)
+        with pytest.raises(SamplingError, match="packed_head"):
+            Engine(model, packed_head=True)
+        return
     assert isinstance(engine.head, PackedHead) and engine.head.screen is None
     hidden = torch.randn(3, model.config.hidden_size, dtype=torch.bfloat16)
     with torch.no_grad():

@@ -45,7 +45,11 @@ def test_safetensors_wins_over_bin(tmp_path):
     reference = hf_model("gpt2-tied-padded", seed=4)
     reference.save_pretrained(tmp_path)
     torch.save({"junk": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
-    load_hf_model(tmp_path)  # the .bin would fail to map; safetensors is read instead
+    model, config, _ = load_hf_model(tmp_path)  # the .bin would fail to map
+    ids = tokens(config.model.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids)[..., : config.model.vocab_size],
+                                   reference.eval()(ids).logits, atol=1e-4, rtol=0)
 
 
 class Payload:

@@ -66,7 +66,7 @@ def test_kv_cached_engine_on_hf_dir_matches_transformers(tmp_path, shape):
     two prompts of different lengths batched together."""
     from megaloom.infer.engine import Engine, Request
     from megaloom.infer.params import SamplingParams
-    from megaloom.train.checkpoint import load_model
+    from megaloom.loading import load_model
 
     reference = hf_model(shape, seed=12)
     reference.save_pretrained(tmp_path)

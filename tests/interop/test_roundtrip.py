@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from megaloom.cli import main
 from megaloom.data.tokenizer import Tokenizer, train_bpe
 from megaloom.interop import export_hf
+from megaloom.loading import load_model
 from megaloom.model.gpt import GPT
-from megaloom.train.checkpoint import load_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs.\n" * 40
 

@@ -5,9 +5,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from megaloom.checkpoint.reader import LazyState, open_checkpoint
 from megaloom.config import Config, ModelConfig, TrainConfig
 from megaloom.interop import export_hf, weight_files
-from megaloom.train import checkpoint as ckpt
+from megaloom.loading import load_model
 from megaloom.train.trainer import Trainer
 
 
@@ -17,9 +18,9 @@ def test_lazy_export_reads_tensor_by_tensor_and_matches_full_export(tmp_path, mo
                  train=TrainConfig(out_dir=str(tmp_path / "run")))
     trainer = Trainer.create(cfg, [np.arange(9) % 50] * 8, None)
     trainer.save()
-    lazy = ckpt.LazyState(ckpt.open_checkpoint(tmp_path / "run"))
+    lazy = LazyState(open_checkpoint(tmp_path / "run"))
     reads, at_write = [], []
-    original_get, original_save = ckpt.LazyState.__getitem__, weight_files.save_file
+    original_get, original_save = LazyState.__getitem__, weight_files.save_file
 
     def counting_get(self, name):
         reads.append(name)
@@ -29,13 +30,13 @@ def test_lazy_export_reads_tensor_by_tensor_and_matches_full_export(tmp_path, mo
         at_write.append(len(reads))
         original_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt.LazyState, "__getitem__", counting_get)
+    monkeypatch.setattr(LazyState, "__getitem__", counting_get)
     monkeypatch.setattr(weight_files, "save_file", recording_save)
     export_hf(lazy, cfg, tmp_path / "lazy", max_shard_size=20_000)
     monkeypatch.undo()
     assert len(at_write) > 3 and at_write == sorted(at_write) and at_write[0] < len(reads) / 2
     assert len(reads) == len(set(reads)) == len(lazy)  # every tensor read once
-    model, _, _ = ckpt.load_model(tmp_path / "run")
+    model, _, _ = load_model(tmp_path / "run")
     export_hf(model, cfg, tmp_path / "full", max_shard_size=20_000)
     files = sorted(p.name for p in (tmp_path / "full").glob("*.safetensors"))
     assert files == sorted(p.name for p in (tmp_path / "lazy").glob("*.safetensors"))

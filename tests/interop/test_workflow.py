@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from megaloom.cli import main
 from megaloom.data.tokenizer import train_bpe
-from megaloom.train.checkpoint import load_model
+from megaloom.loading import load_model
 
 
 def test_finetune_from_hf_dir_and_export(tmp_path, caplog):

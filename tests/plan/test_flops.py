@@ -101,6 +101,22 @@ def test_mt_nlg_530b_worked_example():
     assert 1.5 < plan.total_seconds / 86400 / six_n_days < 1.6
 
 
+def test_mt_nlg_end_to_end_rate_reproduces_the_papers_iteration_time():
+    """MT-NLG's 126 TFLOP/s per GPU is end to end (measured from 60.1 s per iteration), so
+    given as `achieved_tflops` the bubble is inside it and the paper's time comes back."""
+    cfg = preset_config("mt-nlg-530b")
+    layout = Layout(gpus=2240, tp=8, pp=35, micro_batch=1, global_batch=1920, recompute="full")
+    gpu = get_gpu("a100-80gb")
+    plan = estimate(cfg, layout, gpu, achieved_tflops=126)
+    busy = estimate(cfg, layout, gpu, tflops=126)
+    assert plan.seconds_per_iteration == pytest.approx(60.1, rel=0.01)
+    assert plan.seconds_per_iteration == pytest.approx(
+        busy.seconds_per_iteration / (1 + 34 / 240), rel=1e-12)
+    assert plan.rate_flops == pytest.approx(126e12 * (1 + 34 / 240))
+    with pytest.raises(PlanError, match="not several"):
+        estimate(cfg, layout, gpu, tflops=126, achieved_tflops=126)
+
+
 def test_gpu_table_and_device_names():
     assert get_gpu("H100-SXM").peak("bf16") == 989e12
     assert get_gpu("a100-40gb").peak("fp16") == 312e12

@@ -52,6 +52,40 @@ def test_recipe_provides_defaults(tmp_path, capsys):
     assert out["time"]["tokens"] == 10 * 8 * 64
 
 
+def test_model_only_recipe_takes_the_planners_defaults(tmp_path, capsys):
+    """A file with only a model section is a shape, not a run: bf16 and the batch flags'
+    defaults apply (not the trainer's fp32, micro-batch 8, global batch 8)."""
+    shape = {"arch": "gpt2", "num_layers": 4, "hidden_size": 64, "num_heads": 4,
+             "seq_len": 64, "vocab_size": 500}
+    model_only = tmp_path / "model.yaml"
+    model_only.write_text(yaml.safe_dump({"model": shape}))
+    lay = run_json(capsys, str(model_only), "--gpus", "8", "--tflops", "140")["layout"]
+    assert (lay["precision"], lay["micro_batch"], lay["global_batch"], lay["dp"]) == (
+        "bf16", 1, 8, 8)
+
+
+def test_shape_flags_equal_a_recipe_with_that_shape(tmp_path, capsys):
+    recipe = tmp_path / "model.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {
+        "arch": "llama", "num_layers": 6, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 2,
+        "seq_len": 512, "vocab_size": 1000}}))
+    want = run_json(capsys, str(recipe), "--gpus", "2", "--tp", "2")
+    got = run_json(capsys, "tiny-llama", "--layers", "6", "--hidden", "256", "--heads", "8",
+                   "--kv-heads", "2", "--seq-len", "512", "--vocab", "1000", "--gpus", "2",
+                   "--tp", "2")
+    assert got["parameters"] == want["parameters"] and got["memory"] == want["memory"]
+    assert got["flops"] == want["flops"]
+
+
+def test_help_names_where_defaults_come_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("the recipe's train.micro_batch_size, else 1",
+                  "the recipe's train.precision, else bf16", "the recipe's parallel.tp, else 1"):
+        assert words in text
+
+
 def test_search_json(capsys):
     out = run_json(capsys, "gpt2-355m", "--search", "--gpus", "16", "--global-batch", "32",
                    "--gpu", "a100-40gb", "--top", "5")
@@ -81,6 +115,8 @@ def test_search_json(capsys):
     (["tiny", "--tp", "0"], "--tp must be >= 1"),
     (["tiny", "--gpus-per-node", "0"], "--gpus-per-node must be >= 1"),
     (["gpt3-175b", "--search", "--gpus", "7", "--global-batch", "8"], "no layout exists"),
+    (["tiny", "--hidden", "100", "--heads", "3"], "model.hidden_size: 100 is not divisible"),
+    (["tiny", "--layers", "0"], "--layers must be >= 1"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
     assert main(["plan", *argv]) == 2

@@ -17,12 +17,13 @@ import pytest
 import torch
 import uvicorn
 
+from megaloom.checkpoint.files import save_model_files
 from megaloom.config import Config, ModelConfig
 from megaloom.data.tokenizer import Tokenizer, train_bpe
 from megaloom.infer import Engine
+from megaloom.loading import load_model
 from megaloom.model.gpt import GPT
 from megaloom.serve import create_app
-from megaloom.train.checkpoint import load_model, save_model_files
 
 SUBJECTS = ["the fox", "a writer", "the old sailor", "my neighbour", "the river", "a small cat"]
 VERBS = ["walks to", "writes about", "dreams of", "looks at", "sings to", "remembers"]

@@ -13,7 +13,7 @@ from server_process import free_port, wait_until_healthy
 
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.infer import Engine, Request, SamplingParams
-from megaloom.train.checkpoint import load_model
+from megaloom.loading import load_model
 
 PROMPTS = ["the fox walks", "A writer dreams of the long"]
 

@@ -1,6 +1,7 @@
 """Checkpoint files: sharded round trip, integrity errors by file name, atomic saves, pruning,
 the single-file format of earlier versions, and the box arithmetic under ZeRO shards."""
 
+import errno
 import json
 
 import numpy as np
@@ -8,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megaloom.checkpoint.shards import flat_range_boxes
+from megaloom.checkpoint.files import write_manifest
+from megaloom.checkpoint.reader import find_latest
+from megaloom.checkpoint.shards import ShardWriter, flat_range_boxes
 from megaloom.config import Config, ModelConfig, TrainConfig
 from megaloom.errors import CheckpointError
+from megaloom.loading import load_model
 from megaloom.model import GPT
-from megaloom.train import checkpoint as ckpt
+from megaloom.train.checkpoint import prune_checkpoints
 from megaloom.train.optim import parameter_groups
 from megaloom.train.trainer import Trainer
 
@@ -40,7 +44,7 @@ def test_save_and_load_round_trip(tmp_path, arch):
     cfg, trainer = make(tmp_path, arch)
     path = trainer.save()
     assert path.name == "step_00000001" and (tmp_path / "checkpoints" / "latest").is_file()
-    loaded, loaded_cfg, tokenizer = ckpt.load_model(tmp_path)
+    loaded, loaded_cfg, tokenizer = load_model(tmp_path)
     assert loaded_cfg.model == cfg.model and tokenizer is None
     for (name, a), (_, b) in zip(trainer.model.state_dict().items(),
                                  loaded.state_dict().items(), strict=True):
@@ -61,7 +65,7 @@ def test_keep_last_and_latest_pointer(tmp_path):
         trainer.save()
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert names == ["step_00000003", "step_00000004"]
-    assert ckpt.find_latest(tmp_path).name == "step_00000004"
+    assert find_latest(tmp_path).name == "step_00000004"
 
 
 def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path):
@@ -69,8 +73,8 @@ def test_pruning_never_deletes_the_checkpoint_latest_names(tmp_path):
     good = trainer.save()
     # killed after renaming a newer step directory but before `latest` moved
     (tmp_path / "checkpoints" / "step_00000009").mkdir()
-    ckpt.prune_checkpoints(tmp_path / "checkpoints", keep_last=1)
-    assert good.is_dir() and ckpt.find_latest(tmp_path) == good
+    prune_checkpoints(tmp_path / "checkpoints", keep_last=1)
+    assert good.is_dir() and find_latest(tmp_path) == good
 
 
 def test_corrupted_truncated_and_missing_shards_are_named(tmp_path):
@@ -80,15 +84,15 @@ def test_corrupted_truncated_and_missing_shards_are_named(tmp_path):
     original = shard.read_bytes()
     shard.write_bytes(original[:-7] + b"garbage")
     with pytest.raises(CheckpointError, match="shard_00000.safetensors is corrupted"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     shard.write_bytes(original[: len(original) // 2])
     with pytest.raises(CheckpointError, match="shard_00000.safetensors is corrupted"):
-        ckpt.load_model(tmp_path)
+        load_model(tmp_path)
     shard.unlink()
     with pytest.raises(CheckpointError, match="shard_00000.safetensors is missing"):
-        ckpt.load_model(path)
+        load_model(path)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
-        ckpt.load_model(tmp_path / "nope")
+        load_model(tmp_path / "nope")
 
 
 def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -97,18 +101,18 @@ def test_crash_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     before = (good / "shard_00000.safetensors").read_bytes()
 
     def explode(*args, **kwargs):
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.ShardWriter, "write", explode)
+    monkeypatch.setattr(ShardWriter, "write", explode)
     trainer.step = 2
-    with pytest.raises(CheckpointError, match="rank 0: No space left on device"):
+    with pytest.raises(CheckpointError, match="rank 0: disk full: .*No space left on device"):
         trainer.save()
     monkeypatch.undo()
-    assert ckpt.find_latest(tmp_path) == good
+    assert find_latest(tmp_path) == good
     assert (good / "shard_00000.safetensors").read_bytes() == before
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert sorted(leftovers) == ["latest", "step_00000001"]
-    ckpt.load_model(tmp_path)
+    load_model(tmp_path)
 
 
 def legacy_checkpoint(directory, cfg, model, optimizer):
@@ -120,7 +124,7 @@ def legacy_checkpoint(directory, cfg, model, optimizer):
     torch.save({"optimizer": optimizer.state_dict(), "rng": {"cpu": torch.get_rng_state()}},
                directory / "optimizer.pt")
     (directory / "trainer_state.json").write_text(json.dumps({"step": 5, "skipped_steps": 0}))
-    ckpt.write_manifest(directory)
+    write_manifest(directory)
 
 
 def test_checkpoints_of_earlier_versions_still_load_and_resume(tmp_path):
@@ -130,7 +134,7 @@ def test_checkpoints_of_earlier_versions_still_load_and_resume(tmp_path):
     model(torch.randint(0, 50, (2, 8))).sum().backward()
     optimizer.step()
     legacy_checkpoint(tmp_path / "old", cfg, model, optimizer)
-    loaded, _, _ = ckpt.load_model(tmp_path / "old")
+    loaded, _, _ = load_model(tmp_path / "old")
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
@@ -156,7 +160,7 @@ def test_optimizer_file_refuses_arbitrary_pickles(tmp_path):
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1))
     legacy_checkpoint(tmp_path / "old", cfg, model, optimizer)
     torch.save({"optimizer": Evil(), "rng": {}}, tmp_path / "old" / "optimizer.pt")
-    ckpt.write_manifest(tmp_path / "old")  # even with a matching manifest it must be refused
+    write_manifest(tmp_path / "old")  # even with a matching manifest it must be refused
     with pytest.raises(CheckpointError, match="cannot read .*optimizer.pt"):
         trainer.resume(tmp_path / "old")
 

@@ -61,6 +61,22 @@ def test_metrics_records_and_plot(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+def test_model_flops_and_mfu_per_step_in_the_planners_convention(tmp_path):
+    """6N + 12Lhs per token (N without the input lookups), over the configured peak."""
+    trainer = make_trainer(tmp_path, max_steps=2, peak_tflops=0.5)
+    trainer.run()
+    model = trainer.config.model
+    n = sum(p.numel() for p in trainer.model.parameters()) - model.seq_len * model.hidden_size
+    per_token = 6 * n + 12 * model.num_layers * model.hidden_size * model.seq_len
+    for record in read_metrics(tmp_path / "metrics.jsonl"):
+        achieved = record["tokens_per_s"] * per_token
+        assert record["model_tflops"] == pytest.approx(achieved / 1e12, rel=1e-12)
+        assert record["mfu"] == pytest.approx(achieved / 0.5e12, rel=1e-12)
+    make_trainer(tmp_path / "cpu", max_steps=1).run()  # no peak on CPU: no MFU claimed
+    record = read_metrics(tmp_path / "cpu" / "metrics.jsonl")[0]
+    assert "mfu" not in record and record["model_tflops"] > 0
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     accumulated = make_trainer(tmp_path / "a", dropout=0.0, micro_batch_size=2)
     whole = make_trainer(tmp_path / "b", dropout=0.0, micro_batch_size=8)

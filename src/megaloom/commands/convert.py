@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
         out = export_peft(args.checkpoint, args.out)
     else:
-        from megaloom.train.checkpoint import LazyState, load_model, open_checkpoint
+        from megaloom.checkpoint.reader import LazyState, open_checkpoint
+        from megaloom.loading import load_model
 
         max_shard_size = parse_size(args.max_shard_size)  # a typo fails before the slow load
         if str(args.checkpoint).startswith("hf:"):

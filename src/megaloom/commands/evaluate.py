@@ -19,7 +19,7 @@ from pathlib import Path
 
 from megaloom.commands.generate import add_sampling_arguments, open_sinks
 from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink
-from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
+from megaloom.utils.launch import Launch, relaunch_under_torchrun, under_torchrun
 
 NAME = "evaluate"
 HELP = "evaluate a model: perplexity, lambada, multiple choice, ROUGE or classification"
@@ -79,12 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megaloom.evaluate.run import Evaluation, check_arguments
-    from megaloom.infer.tensor_parallel import is_leader
 
     check_arguments(args)
     if args.nproc > 1 and not under_torchrun():
         return relaunch_under_torchrun(args.nproc, args.command_line)
-    leader = is_leader()
+    leader = Launch.from_environment().is_leader
     sinks = open_sinks(args) if leader else []
     try:
         evaluation = Evaluation.load(args)

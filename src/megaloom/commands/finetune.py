@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
+from megaloom.utils.run_lock import hold_output_dir
 
 NAME = "finetune"
 HELP = "fine-tune a model for generation (SFT) or classification, fully or with LoRA"
@@ -33,14 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaloom.config import load_config
-    from megaloom.finetune.report import write_report
-    from megaloom.finetune.run import FinetunePreparation, check_files
-    from megaloom.train.run import build_trainer
+    from megaloom.finetune.run import check_files
 
     check_files(args.data, args.valid)
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc, args.command_line, 0)
+    with hold_output_dir(args.out):  # the launcher holds it for its ranks
+        if args.nproc > 1 and not under_torchrun():
+            return relaunch_under_torchrun(args.nproc, args.command_line, 0)
+        return _finetune(args)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from megaloom.config import load_config
+    from megaloom.finetune.report import write_report
+    from megaloom.finetune.run import FinetunePreparation
+    from megaloom.train.run import build_trainer
+
     overrides = [*DEFAULTS, f"task.name={args.task}", *args.overrides,
                  f"train.out_dir={args.out}"]
     config = load_config(args.config, overrides)

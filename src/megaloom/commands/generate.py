@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from megaloom.errors import DataError, MegaloomError
 from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink, JsonlSink, records_from
-from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
+from megaloom.utils.launch import Launch, relaunch_under_torchrun, under_torchrun
 
 if TYPE_CHECKING:
     from megaloom.infer import Engine, Event, SamplingParams
@@ -74,17 +74,18 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaloom.infer.tensor_parallel import drive, is_leader
+    from megaloom.infer.tensor_parallel import drive
+    from megaloom.loading import load_engine
 
     if args.nproc > 1 and not under_torchrun():
         return relaunch_under_torchrun(args.nproc, args.command_line)
     params = sampling_params(args).validate()
-    leader = is_leader()  # under torchrun only rank 0 reads prompts and writes results
+    leader = Launch.from_environment().is_leader  # under torchrun rank 0 reads and writes
     prompts = read_prompts(args.prompts, args.file, sys.stdin) if leader else []
     sinks = open_sinks(args) if leader else []
     try:
-        engine, model_name = load_engine(args)
-        drive(engine, lambda: generate(engine, model_name, prompts, params, sinks,
+        engine, _ = load_engine(args.checkpoint, args.device, args.batch_size)
+        drive(engine, lambda: generate(engine, args.checkpoint, prompts, params, sinks,
                                        stream=not sinks))
     finally:
         for sink in sinks:
@@ -158,28 +159,6 @@ def open_sinks(args: argparse.Namespace) -> list:
             sink.close()
         raise
     return sinks
-
-
-def load_engine(args: argparse.Namespace) -> tuple[Engine, str]:
-    from megaloom.data.tokenizer import Tokenizer
-    from megaloom.infer import Engine
-    from megaloom.train.checkpoint import load_model
-    from megaloom.utils.device import resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        raise MegaloomError(str(exc)) from None
-    log.info("loading %s on %s", args.checkpoint, device)
-    if under_torchrun():
-        from megaloom.infer.tensor_parallel import load_tensor_parallel_engine
-
-        engine, _ = load_tensor_parallel_engine(args.checkpoint, device, args.batch_size)
-        return engine, args.checkpoint
-    model, _, tokenizer_path = load_model(args.checkpoint, device=device)
-    if tokenizer_path is None:
-        raise MegaloomError(f"{args.checkpoint}: no tokenizer found beside the weights")
-    return Engine(model, Tokenizer.from_file(tokenizer_path), args.batch_size), args.checkpoint
 
 
 def generate(engine: Engine, model_name: str, prompts: list[str], params: SamplingParams,

@@ -58,26 +58,12 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     import uvicorn
 
-    from megaloom.data.tokenizer import Tokenizer
-    from megaloom.infer import Engine
-    from megaloom.infer.tensor_parallel import drive, load_tensor_parallel_engine
+    from megaloom.infer.tensor_parallel import drive
+    from megaloom.loading import load_engine
     from megaloom.serve import create_app
-    from megaloom.train.checkpoint import load_model
-    from megaloom.utils.device import resolve_device
 
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        raise MegaloomError(str(exc)) from None
-    log.info("loading %s on %s", args.checkpoint, device)
-    if under_torchrun():  # rank 0 serves, the others follow
-        engine, tokenizer_path = load_tensor_parallel_engine(args.checkpoint, device,
-                                                             args.max_batch_size)
-    else:
-        model, _, tokenizer_path = load_model(args.checkpoint, device=device)
-        if tokenizer_path is None:
-            raise MegaloomError(f"{args.checkpoint}: no tokenizer found beside the weights")
-        engine = Engine(model, Tokenizer.from_file(tokenizer_path), args.max_batch_size)
+    # under torchrun, rank 0 serves and the others follow
+    engine, tokenizer_path = load_engine(args.checkpoint, args.device, args.max_batch_size)
 
     def serve() -> None:
         app = create_app(engine, engine.tokenizer,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from megaloom.config import ConfigError, load_config
+from megaloom.config import Config, ConfigError, load_config
 from megaloom.utils.launch import relaunch_under_torchrun, under_torchrun
+from megaloom.utils.run_lock import hold_output_dir
 
 NAME = "train"
 HELP = "train a GPT (default: the tiny recipe on the embedded corpus)"
@@ -32,21 +33,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaloom.layout_rules import launch_problem
-    from megaloom.train.run import build_trainer
-
     config_path, overrides = args.config, list(args.overrides)
     if config_path is not None and "=" in config_path:  # only overrides were given
         config_path, overrides = None, [config_path, *overrides]
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     config = load_config(config_path, overrides)
-    if (args.nproc > 1 or args.max_restarts) and not under_torchrun():
+    relaunch = (args.nproc > 1 or args.max_restarts) and not under_torchrun()
+    if relaunch:
+        from megaloom.layout_rules import launch_problem
+
         if args.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
         if not config.model.init_from and (problem := launch_problem(config, args.nproc)):
             raise ConfigError(problem)
-        return relaunch_under_torchrun(args.nproc, args.command_line, args.max_restarts)
+    with hold_output_dir(config.train.out_dir):  # the launcher holds it for its ranks
+        if relaunch:
+            return relaunch_under_torchrun(args.nproc, args.command_line, args.max_restarts)
+        return _train(args, config)
+
+
+def _train(args: argparse.Namespace, config: Config) -> int:
+    from megaloom.train.run import build_trainer
+
     trainer = build_trainer(config, resume=not args.no_resume)
     result = trainer.run()
     if not trainer.is_main:
@@ -67,7 +76,7 @@ def print_samples(checkpoint, count: int) -> None:
     """Print a few short top-p generations from the final checkpoint."""
     from megaloom.data.tokenizer import Tokenizer
     from megaloom.infer import Engine, Request, SamplingParams
-    from megaloom.train.checkpoint import load_model
+    from megaloom.loading import load_model
 
     model, _, tokenizer_path = load_model(checkpoint)
     engine = Engine(model, Tokenizer.from_file(tokenizer_path), max_batch_size=count)

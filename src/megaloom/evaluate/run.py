@@ -53,25 +53,10 @@ class Evaluation:
     @classmethod
     def load(cls, args: argparse.Namespace) -> Evaluation:
         from megaloom.data.tokenizer import Tokenizer
-        from megaloom.utils.device import resolve_device
-        from megaloom.utils.launch import under_torchrun
+        from megaloom.loading import load_for_inference
 
-        try:
-            device = resolve_device(args.device)
-        except ValueError as exc:
-            raise MegaloomError(str(exc)) from None
-        topo = None
-        if under_torchrun():
-            from megaloom.infer.tensor_parallel import load_tensor_parallel, rank_device
-
-            device = rank_device(device)
-            model, config, tokenizer_path, topo = load_tensor_parallel(args.model, device)
-        else:
-            from megaloom.train.checkpoint import load_model
-
-            model, config, tokenizer_path = load_model(args.model, device=device)
-        if tokenizer_path is None:
-            raise MegaloomError(f"{args.model}: no tokenizer found beside the weights")
+        model, config, tokenizer_path, topo = load_for_inference(args.model, args.device)
+        device = next(model.parameters()).device
         is_classifier = bool(config.model.num_labels)
         if is_classifier != (args.task == "classify"):
             kinds = ("a language model", "a classifier")

@@ -49,8 +49,8 @@ def hf_adapters(module: str, a: torch.Tensor, b: torch.Tensor, config: Config
 
 def export_peft(spec: str | Path, out_dir: str | Path) -> Path:
     """Write the adapter of LoRA run `spec` to `out_dir` and its base model to `out_dir/base`."""
+    from megaloom.checkpoint.reader import LazyState, open_checkpoint
     from megaloom.interop.hf import _empty_output, export_hf
-    from megaloom.train.checkpoint import LazyState, open_checkpoint
 
     checkpoint = open_checkpoint(spec)
     config = checkpoint.config

@@ -61,7 +61,7 @@ def greedy_generations(checkpoint: Path, prompts: list[str], max_new_tokens: int
     prompt + completion fit `seq_len`."""
     from megaloom.data.tokenizer import Tokenizer
     from megaloom.infer import Engine, Request, SamplingParams
-    from megaloom.train.checkpoint import load_model
+    from megaloom.loading import load_model
 
     model, config, tokenizer_path = load_model(checkpoint)
     tokenizer = Tokenizer.from_file(tokenizer_path)

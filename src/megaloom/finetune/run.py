@@ -23,12 +23,12 @@ from megaloom.config import Config, ConfigError
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError, MegaloomError
 from megaloom.finetune.lora import apply_lora
+from megaloom.loading import open_weights, require_tokenizer
 from megaloom.model.init import Box
 from megaloom.parallel.build import InitSource, TensorSource
 from megaloom.tasks import EpochShuffled
 from megaloom.tasks.classify import ClassifyTask, load_classify_data, read_label_set
 from megaloom.tasks.sft import SFTTask, load_sft_data
-from megaloom.train import checkpoint as ckpt
 from megaloom.train.run import Prepared
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,8 @@ class FinetunePreparation:
         if task_cfg.name not in ("sft", "classify"):
             raise ConfigError(f"task.name={task_cfg.name!r}: megaloom finetune trains "
                               "task.name=sft or classify (pretrain with megaloom train)")
-        loaded, tokenizer_path, source = ckpt.open_weights(base)
-        if tokenizer_path is None:
-            raise MegaloomError(f"{base} has no tokenizer.json: fine-tuning needs the base "
-                                "model's tokenizer")
+        loaded, tokenizer_path, source = open_weights(base)
+        tokenizer_path = require_tokenizer(base, tokenizer_path)
         if loaded.model.num_labels and task_cfg.name == "sft":
             raise MegaloomError(f"{base} is a sequence classifier; SFT needs a language model")
         tokenizer = Tokenizer.from_file(tokenizer_path)

@@ -181,7 +181,8 @@ class Engine:
             packed_head = can_pack
         elif packed_head and not can_pack:
             raise SamplingError("packed_head needs a bias-free nn.Linear output head on CPU in "
-                                "fp32 or bf16, and a torch build with oneDNN")
+                                "fp32 (or bf16 where the CPU has bf16 kernels), and a torch "
+                                "build with oneDNN")
         if packed_head:
             with torch.no_grad():
                 self.head = PackedHead(lm_head, config.vocab_size, max_batch_size)

@@ -42,16 +42,22 @@ def row_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor([int(row.argmax()) for row in rows], dtype=torch.long)
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packing_supported(weight: torch.Tensor) -> bool:
-    """Whether this torch build can prepack `weight` (CPU, fp32 or bf16, oneDNN built in)."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    """Whether this torch build can prepack `weight` (CPU, oneDNN built in, fp32, or bf16
+    where the CPU has bf16 kernels: oneDNN refuses to reorder a bf16 weight elsewhere)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and native_bf16())
 
 
 def screening_supported(weight: torch.Tensor) -> bool:
     """Whether a bf16 screen speeds up greedy on this machine (fp32 weight, native bf16)."""
-    return (packing_supported(weight) and weight.dtype == torch.float32
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return packing_supported(weight) and weight.dtype == torch.float32 and native_bf16()
 
 
 def _pack(weight: torch.Tensor, rows_hint: int) -> torch.Tensor:

@@ -15,7 +15,6 @@ an idle server does not time its followers out; `shutdown()` (or `drive`) sends 
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,16 +33,12 @@ from megaloom.model.gpt import GPT
 from megaloom.parallel.build import build_shard
 from megaloom.parallel.random import seed_everything
 from megaloom.parallel.topology import Axis, Topology, init_distributed
+from megaloom.utils.launch import Launch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTROL_TIMEOUT = timedelta(days=30)  # a server may sit idle between requests
-
-
-def is_leader() -> bool:
-    """Whether this process is rank 0 of its torchrun job (or runs alone)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class FullLogitsGPT(nn.Module):
@@ -65,12 +60,15 @@ class FullLogitsGPT(nn.Module):
 def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
                          ) -> tuple[FullLogitsGPT, Config, Path | None, Topology]:
     """Join the torchrun job and build this rank's tensor-parallel shard of the checkpoint
-    `spec` (anything `load_model` accepts) on `device` (default: the local accelerator, else
-    the CPU), reading only this rank's slices of a megaloom checkpoint.
+    `spec` (anything `load_model` accepts) on this process's own accelerator of `device`'s
+    type (default: the local accelerator, else the CPU), reading only this rank's slices of a
+    megaloom checkpoint.
 
     Returns (model, config, tokenizer path, topology)."""
-    from megaloom.train.checkpoint import open_weights
+    from megaloom.loading import open_weights
 
+    if device is not None:
+        device = Launch.from_environment().device(device)
     init_distributed(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     topo = Topology.build(tp=world, pp=1, device=device)
@@ -82,26 +80,6 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
         raise MegaloomError(f"cannot split {spec} over {world} tensor-parallel ranks: "
                             f"{exc}") from None
     return FullLogitsGPT(model.eval(), topo.tp_axis), config, tokenizer, topo
-
-
-def rank_device(device: torch.device) -> torch.device:
-    """This process's own accelerator (`LOCAL_RANK`) for an accelerator `device`."""
-    if device.type == "cpu":
-        return device
-    return torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def load_tensor_parallel_engine(spec: str | Path, device: torch.device, max_batch_size: int,
-                                ) -> tuple[TensorParallelEngine, Path]:
-    """`load_tensor_parallel` plus the checkpoint's tokenizer, as an engine (every rank);
-    returns (engine, tokenizer path), `device` as `rank_device` makes it."""
-    from megaloom.data.tokenizer import Tokenizer
-
-    model, _, tokenizer_path, topo = load_tensor_parallel(spec, rank_device(device))
-    if tokenizer_path is None:
-        raise MegaloomError(f"{spec}: no tokenizer found beside the weights")
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    return TensorParallelEngine(model, topo, tokenizer, max_batch_size), tokenizer_path
 
 
 def check_tensor_parallel(topo: Topology) -> None:

@@ -3,7 +3,7 @@
 Public entry points:
 
 - `load_hf_model(hf_dir, device)` -> (GPT, Config, tokenizer path or None): what
-  `megaloom.train.checkpoint.load_model("hf:DIR")` calls, so `generate hf:DIR` and
+  `megaloom.loading.load_model("hf:DIR")` calls, so `generate hf:DIR` and
   `train ... model.init_from=hf:DIR` use a HF directory directly.
 - `export_hf(model, config, out_dir, ...)`: a directory `AutoModelForCausalLM.from_pretrained`
   and `AutoTokenizer.from_pretrained` load.
@@ -165,7 +165,7 @@ def export_hf(
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a HF directory into a megaloom checkpoint directory (weights-only)."""
-    from megaloom.train.checkpoint import write_manifest, write_model_files
+    from megaloom.checkpoint.files import write_manifest, write_model_files
 
     out_dir = _empty_output(out_dir)
     model, config, tokenizer_path = load_hf_model(hf_dir)

@@ -10,12 +10,13 @@ World size 1 needs no `init_process_group`: every axis has size 1 and its collec
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from megaloom.utils.launch import Launch
 
 # torch >= 2.13 renames reduce_scatter_tensor (and deprecates the old name).
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -118,6 +119,7 @@ class Topology:
     world_axis: Axis
     embed_axis: Axis
     patient_group: dist.ProcessGroup | None = None
+    local_rank: int = 0  # this process's index on its node (the launcher's LOCAL_RANK)
 
     @property
     def world_size(self) -> int:
@@ -176,7 +178,8 @@ class Topology:
                    if virtual is None and world > 1 else None)
         return cls(tp=tp, pp=pp, dp=dp, rank=rank, device=device, tp_axis=axes["tp"],
                    pp_axis=axes["pp"], dp_axis=axes["dp"], mp_axis=axes["mp"],
-                   world_axis=axes["world"], embed_axis=axes["embed"], patient_group=patient)
+                   world_axis=axes["world"], embed_axis=axes["embed"], patient_group=patient,
+                   local_rank=0 if virtual is not None else Launch.from_environment().local_rank)
 
 
 def _make_axis(name: str, groups: list[list[int]], rank: int, create: bool = True,
@@ -196,8 +199,7 @@ def _make_axis(name: str, groups: list[list[int]], rank: int, create: bool = Tru
 def default_device() -> torch.device:
     """The local accelerator when there is one (one per local rank), else the CPU."""
     if torch.accelerator.is_available():
-        accel = torch.accelerator.current_accelerator()
-        return torch.device(accel.type, int(os.environ.get("LOCAL_RANK", "0")))
+        return Launch.from_environment().device(torch.accelerator.current_accelerator())
     return torch.device("cpu")
 
 
@@ -209,21 +211,29 @@ def init_distributed(device: torch.device | None = None,
     `timeout` bounds every collective: a rank that waits longer for a peer (one that died or
     hangs) fails with an error instead of hanging (`parallel.timeout_s`).
     """
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    launch = Launch.from_environment()
+    if dist.is_initialized() or launch.world_size <= 1:
         return
     device = device or default_device()
     backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index or 0)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = launch.rank, launch.world_size
     store, _, _ = next(dist.rendezvous("env://", rank, world,
                                        timeout=timeout or timedelta(minutes=10)))
     # An elastic restart may reuse the agent's store: keys of the failed attempt (stale peer
     # addresses) must not be read, so every attempt gets its own prefix.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"megaloom/attempt_{attempt}", store)
+    store = dist.PrefixStore(f"megaloom/attempt_{launch.attempt}", store)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world,
                             timeout=timeout)
+
+
+def leave_distributed() -> None:
+    """Leave the job cleanly after a command succeeded: wait for every rank (so no rank
+    exits while a peer still talks to it, which aborts gloo), then destroy the groups."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -1,11 +1,15 @@
 """One plan: parameters, memory per GPU, FLOPs and time of a model on a parallel layout.
 
 Time model: while computing, each GPU sustains a hardware FLOP rate, given either as
-`tflops` (hardware TFLOP/s per GPU, recomputation counted, the figure Megatron papers report)
-or as `mfu` (that rate as a fraction of the GPU's dense peak for the precision). The pipeline
-bubble adds idle time on top:
+`tflops` (hardware TFLOP/s per GPU, recomputation counted) or as `mfu` (that rate as a
+fraction of the GPU's dense peak for the precision). The pipeline bubble adds idle time on
+top:
 
     seconds per iteration = hardware FLOPs per iteration / (GPUs x rate) x (1 + bubble)
+
+`achieved_tflops` is instead an end-to-end rate, bubble included (the per-GPU figure papers
+such as MT-NLG's report from measured iteration times): the busy rate is then
+`achieved x (1 + bubble)`, and the time is hardware FLOPs / (GPUs x achieved).
 
 Data-parallel and tensor-parallel communication are assumed hidden (overlapped) or folded
 into the rate. The end-to-end MFU that follows (model FLOPs, no recomputation, over peak) is
@@ -139,18 +143,25 @@ class Plan:
 
 
 def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | None = None,
-             tflops: float | None = None, tokens: float | None = None,
-             allowance_bytes: float = DEFAULT_ALLOWANCE_BYTES,
+             tflops: float | None = None, achieved_tflops: float | None = None,
+             tokens: float | None = None, allowance_bytes: float = DEFAULT_ALLOWANCE_BYTES,
              gpus_per_node: int = 8) -> Plan:
-    """Plan `model` on `layout` over GPUs `gpu`; the rate is `tflops` or `mfu` (default 0.4)."""
+    """Plan `model` on `layout` over GPUs `gpu`; the rate is `tflops`, `achieved_tflops` or
+    `mfu` (default 0.4)."""
     model.validate()
     layout.validate(model, gpus_per_node)
     peak = gpu.peak(layout.precision)
-    if mfu is not None and tflops is not None:
-        raise PlanError("give --mfu or --tflops, not both")
+    bubble = bubble_fraction(layout.pp, layout.num_micro_batches, layout.vpp)
+    given = [name for name, value in (("--mfu", mfu), ("--tflops", tflops),
+                                      ("--achieved-tflops", achieved_tflops))
+             if value is not None]
+    if len(given) > 1:
+        raise PlanError(f"give one of {', '.join(given)}, not several")
+    if achieved_tflops is not None:
+        tflops = achieved_tflops * (1.0 + bubble)
     if tflops is not None:
         if tflops <= 0:
-            raise PlanError(f"--tflops must be > 0, got {tflops}")
+            raise PlanError(f"{given[0]} must be > 0, got {tflops}")
         rate = tflops * TERA
     else:
         mfu = DEFAULT_MFU if mfu is None else mfu
@@ -162,8 +173,9 @@ def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | N
     stages = stage_parameters(model, layout.pp, layout.vpp)
     ends = [stages[0]] if layout.pp == 1 else [stages[0], stages[-1]]
     if rate > peak:
-        raise PlanError(f"--tflops {rate / TERA:g} exceeds {gpu.name}'s {layout.precision} "
-                        f"dense peak of {peak / TERA:g} TFLOP/s")
+        busy = " (busy rate, the bubble added)" if achieved_tflops is not None else ""
+        raise PlanError(f"--tflops {rate / TERA:g}{busy} exceeds {gpu.name}'s "
+                        f"{layout.precision} dense peak of {peak / TERA:g} TFLOP/s")
     return Plan(
         model=model,
         layout=layout,
@@ -173,7 +185,7 @@ def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | N
         memory=[stage_memory(model, layout, s, allowance_bytes) for s in ends],
         model_flops_per_token=model_flops_per_token(model),
         hardware_flops_per_token=hardware_flops_per_token(model, layout.recompute),
-        bubble=bubble_fraction(layout.pp, layout.num_micro_batches, layout.vpp),
+        bubble=bubble,
         rate_flops=rate,
         peak_flops=peak,
         tokens=tokens,

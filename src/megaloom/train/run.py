@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from megaloom.checkpoint.reader import find_latest
 from megaloom.config import Config, ConfigError
 from megaloom.errors import MegaloomError
+from megaloom.loading import open_weights
 from megaloom.parallel.build import TensorSource
 from megaloom.parallel.topology import Topology, init_distributed
 from megaloom.plan.params import count_parameters
 from megaloom.tasks import Task
-from megaloom.train import checkpoint as ckpt
 from megaloom.train.trainer import Trainer
 from megaloom.utils.device import resolve_device
+from megaloom.utils.launch import Launch
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def init_source(config: Config) -> TensorSource | None:
     source = config.model.init_from
     if source is None:
         return None
-    loaded, tokenizer, reader = ckpt.open_weights(source)
+    loaded, tokenizer, reader = open_weights(source)
     dropout = config.model.dropout
     defaults = type(config.model)(arch=config.model.arch)
     ignored = [f"{f.name}={getattr(config.model, f.name)!r}"
@@ -123,9 +123,7 @@ def prepare_run(config: Config) -> Prepared:
 
 def join_job(config: Config) -> Topology:
     """Join the torchrun job (if any) and build the layout's topology."""
-    device = resolve_device(config.train.device)
-    if device.type != "cpu":
-        device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", "0")))
+    device = Launch.from_environment().device(resolve_device(config.train.device))
     init_distributed(device, timedelta(seconds=config.parallel.timeout_s))
     try:
         topo = Topology.build(config.parallel.tp, config.parallel.pp, device,
@@ -145,7 +143,7 @@ def build_trainer(config: Config, resume: bool = True,
     once per file system), build this rank's shard, and resume from `train.out_dir`'s newest
     checkpoint when there is one."""
     topo = join_job(config)
-    turn = 0 if topo.rank == 0 else 1 if os.environ.get("LOCAL_RANK", "0") == "0" else 2
+    turn = 0 if topo.rank == 0 else 1 if topo.local_rank == 0 else 2
     prepared = None
     for stage in range(3):
         if stage == turn:
@@ -155,7 +153,7 @@ def build_trainer(config: Config, resume: bool = True,
     trainer = Trainer.create(config, prepared.train, prepared.valid, config.data.tokenizer, topo,
                              prepared.source, prepared.task, prepared.adapt)
     out_dir = Path(config.train.out_dir)
-    latest = ckpt.find_latest(out_dir) if out_dir.exists() else None
+    latest = find_latest(out_dir) if out_dir.exists() else None
     if latest is not None:
         if not resume:
             raise MegaloomError(f"{out_dir} already holds checkpoints (latest {latest.name}); "

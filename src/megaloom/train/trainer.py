@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from megaloom.checkpoint.files import STATE_FILE
+from megaloom.checkpoint.reader import find_latest, open_checkpoint
 from megaloom.checkpoint.shards import ShardWriter
 from megaloom.config import Config, ConfigError
 from megaloom.errors import CheckpointError, MegaloomError
@@ -57,9 +59,9 @@ from megaloom.parallel.topology import (
     is_collective_failure,
 )
 from megaloom.tasks import LanguageModelTask, Task
-from megaloom.train import checkpoint as ckpt
-from megaloom.train.checkpoint import restore_rng_state
+from megaloom.train.checkpoint import restore_rng_state, save_checkpoint, step_dir_name
 from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
+from megaloom.train.mfu import FlopsMeter, progress_rate
 from megaloom.train.precision import DynamicLossScaler, autocast_context
 from megaloom.train.schedule import learning_rate
 from megaloom.utils.device import resolve_device
@@ -118,6 +120,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._stop_signal: int | None = None
+        self.flops = FlopsMeter.for_run(config, self.device, topo.world_size)
 
     @classmethod
     def create(
@@ -176,7 +179,7 @@ class Trainer:
             write_weights(writer, self.model, self.topo)
             self.optimizer.write_state(writer)
 
-        path = ckpt.save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
+        path = save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
                                     self.tokenizer_path, self.trainer_state(),
                                     self.cfg.keep_last, self.topo.patient_group)
         log.info("saved checkpoint %s", path)
@@ -186,7 +189,7 @@ class Trainer:
         """Restore the full training state from a checkpoint written under any layout (or an
         earlier single-file checkpoint), reading only this rank's boxes; drop metrics logged
         after that checkpoint."""
-        checkpoint = ckpt.open_checkpoint(path)
+        checkpoint = open_checkpoint(path)
         saved = checkpoint.config.model
         if saved != self.config.model:
             current = self.config.model
@@ -196,6 +199,11 @@ class Trainer:
                 f"(differs in: {', '.join('model.' + k for k in diffs)})"
             )
         state = checkpoint.state
+        if "step" not in state:
+            raise CheckpointError(
+                f"{checkpoint.directory} holds weights only (no {STATE_FILE}), so there is no "
+                f"training state to resume; start a new run from it with "
+                f"model.init_from={checkpoint.directory}")
         load_weights(self.model, self.topo, checkpoint)
         self.optimizer.read_state(checkpoint.store, state.get("adam_steps"))
         rng = checkpoint.rng_state()
@@ -307,6 +315,7 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / elapsed,
+            **self.flops.figures(tokens / elapsed),
             "step_time_s": elapsed,
             "skipped": skipped,
         }
@@ -380,8 +389,10 @@ class Trainer:
         metrics = MetricsLog(self.out_dir, cfg.tensorboard,
                              start_step=self.step if self.is_main else None)
         previous = self._install_signal_handlers()
+        if self.is_main:
+            log.info("%s", self.flops.describe())
         last_loss = val_loss = None
-        last_saved = ckpt.find_latest(self.out_dir) if self.out_dir.exists() else None
+        last_saved = find_latest(self.out_dir) if self.out_dir.exists() else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=0.5, disable=not self.is_main)
         try:
@@ -397,10 +408,10 @@ class Trainer:
                     metrics.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                                tok_s=f"{record['tokens_per_s']:.0f}", **progress_rate(record))
                 if self.step % cfg.save_interval == 0:
                     last_saved = self.save()
-            if last_saved is None or last_saved.name != ckpt.step_dir_name(self.step):
+            if last_saved is None or last_saved.name != step_dir_name(self.step):
                 last_saved = self.save()
         except RuntimeError as exc:
             if self.topo.world_size > 1 and is_collective_failure(exc):
