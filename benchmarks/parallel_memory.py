@@ -62,7 +62,7 @@ def planner_bytes(overrides: list[str], nproc: int, rank: int) -> tuple[float, f
     config = load_config(None, MODEL + TRAIN + overrides)
     par = config.parallel
     layout = Layout(gpus=nproc, tp=par.tp, pp=par.pp, micro_batch=2, global_batch=4,
-                    precision="fp32", distributed_optimizer=par.distributed_optimizer)
+                    precision="fp32", zero=int(par.distributed_optimizer))
     pp_rank = rank // (par.tp * layout.dp)
     stage = stage_parameters(config.model, par.pp)[pp_rank]
     memory = stage_memory(config.model, layout.validate(config.model), stage, 0.0)

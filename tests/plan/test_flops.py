@@ -23,7 +23,8 @@ def test_gpt2_model_flops_hand_computed():
     n_matmul = layers * (12 * h * h + 13 * h) + v * h + 2 * h  # all but position embeddings
     assert model_flops_per_token(cfg) == 6 * n_matmul + 12 * layers * h * s
     layer = 12 * h * h + 13 * h
-    assert hardware_flops_per_token(cfg, "selective") == model_flops_per_token(cfg) + 4 * 2 * h * s
+    assert hardware_flops_per_token(cfg, "selective", "prose") == (
+        model_flops_per_token(cfg) + 4 * layers * h * s)
     assert hardware_flops_per_token(cfg, "full") == (
         model_flops_per_token(cfg) + 2 * layers * layer + 4 * layers * h * s)
 
@@ -43,6 +44,20 @@ def test_full_recompute_matches_narayanan_formula():
     L, h, s, v = cfg.num_layers, cfg.hidden_size, cfg.seq_len, cfg.padded_vocab_size
     per_token = 96 * L * h**2 * (1 + s / (6 * h) + v / (16 * L * h))
     assert hardware_flops_per_token(cfg, "full") == pytest.approx(per_token, rel=1e-3)
+
+
+def test_selective_recompute_matches_korthikanti_eq8():
+    """72 B s l h^2 (1 + s/(3h) + V/(12 h l)) per iteration, their Eq. 8 as printed; against
+    the model FLOPs 72 B s l h^2 (1 + s/(6h) + V/(12 h l)) it adds 12 B s^2 l h."""
+    cfg = preset_config("gpt3-175b")
+    L, h, s, v = cfg.num_layers, cfg.hidden_size, cfg.seq_len, cfg.padded_vocab_size
+    eq8 = 72 * L * h**2 * (1 + s / (3 * h) + v / (12 * L * h))
+    model = 72 * L * h**2 * (1 + s / (6 * h) + v / (12 * L * h))
+    assert hardware_flops_per_token(cfg, "selective") == pytest.approx(eq8, rel=1e-3)
+    assert model_flops_per_token(cfg) == pytest.approx(model, rel=1e-3)
+    prose_extra = (hardware_flops_per_token(cfg, "selective", "prose")
+                   - model_flops_per_token(cfg))
+    assert prose_extra == pytest.approx((eq8 - model) / 3)
 
 
 @pytest.mark.parametrize("pp,m,v,expected", [(1, 8, 1, 0.0), (4, 8, 1, 3 / 8), (4, 8, 2, 3 / 16),

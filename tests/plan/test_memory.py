@@ -96,11 +96,47 @@ def plan_memory(**layout_kwargs):
     (True, "bf16", 2 + 2 + 12 / 4),
 ])
 def test_model_state_bytes_per_parameter(dist, grad, per_param):
-    plan = plan_memory(tp=2, distributed_optimizer=dist, grad_dtype=grad)  # dp = 4
+    plan = plan_memory(tp=2, zero=int(dist), grad_dtype=grad)  # dp = 4
     mem = plan.memory[0]
     params = parameters_per_gpu(GPT2, stage_parameters(GPT2, 1)[0], 2)
     assert mem.params_per_gpu == params
     assert mem.weights + mem.gradients + mem.optimizer == pytest.approx(params * per_param)
+
+
+# ZeRO (Rajbhandari et al. 2020) Table I: model-state GB per device of mixed-precision Adam
+# (K = 12) for a model of Psi parameters over Nd data-parallel ranks, at stages 1, 2 and 3.
+ZERO_TABLE_I = {  # Nd: {Psi in billions: (P_os, P_os+g, P_os+g+p)}
+    1: {7.5: (120, 120, 120), 128: (2048, 2048, 2048), 1000: (16000, 16000, 16000)},
+    4: {7.5: (52.5, 41.3, 30), 128: (896, 704, 512), 1000: (7000, 5500, 4000)},
+    16: {7.5: (35.6, 21.6, 7.5), 128: (608, 368, 128), 1000: (4750, 2875, 1000)},
+    64: {7.5: (31.4, 16.6, 1.88), 128: (536, 284, 32), 1000: (4187, 2218, 250)},
+    256: {7.5: (30.4, 15.4, 0.47), 128: (518, 263, 8), 1000: (4046, 2054, 62.5)},
+    1024: {7.5: (30.1, 15.1, 0.12), 128: (513, 257, 2), 1000: (4011, 2013, 15.6)},
+}
+
+
+@pytest.mark.parametrize("dp", sorted(ZERO_TABLE_I))
+def test_zero_stages_reproduce_zero_table_one(dp):
+    """Bytes per parameter from the planner (fp16 weights and gradients, as ZeRO) times Psi:
+    the table's figures to within one unit of their last printed digit (the table rounds some
+    figures and truncates others, e.g. 257.75 printed as 257)."""
+    for zero in (1, 2, 3):
+        mem = plan_memory(gpus=dp, global_batch=dp, zero=zero, precision="fp16",
+                          grad_dtype="bf16").memory[0]
+        per_param = (mem.weights + mem.gradients + mem.optimizer) / mem.params_per_gpu
+        for psi, figures in ZERO_TABLE_I[dp].items():
+            printed = figures[zero - 1]
+            unit = 10.0 ** -len(str(printed).partition(".")[2]) if "." in str(printed) else 1
+            assert abs(psi * per_param - printed) < unit, f"Nd={dp} Psi={psi}B stage {zero}"
+
+
+def test_zero_zero_is_the_unsharded_baseline_and_stage_one_the_distributed_optimizer():
+    base = plan_memory(precision="fp16", grad_dtype="bf16").memory[0]
+    assert base.weights + base.gradients + base.optimizer == 16 * base.params_per_gpu
+    assert (plan_memory(zero=1).memory[0].optimizer
+            == base.optimizer / 8)  # dp = 8
+    with pytest.raises(PlanError, match="--zero must be one of"):
+        plan_memory(zero=4)
 
 
 def test_fp32_training_keeps_four_byte_weights_and_gradients():

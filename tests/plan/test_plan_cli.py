@@ -81,9 +81,32 @@ def test_help_names_where_defaults_come_from(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("the recipe's train.micro_batch_size, else 1",
+    for words in ("memory GiB (2^30 bytes)", "biases, norms and the padded vocabulary's head",
+                  "the recipe's train.micro_batch_size, else 1",
                   "the recipe's train.precision, else bf16", "the recipe's parallel.tp, else 1"):
         assert words in text
+
+
+def test_zero_stages_shard_model_state_over_dp(capsys):
+    """--distributed-optimizer is --zero 1; stage 3 divides every kind of model state by dp."""
+    argv = ("gpt2-124m", "--gpus", "8", "--global-batch", "8", "--grad-dtype", "bf16")
+    stage = {zero: run_json(capsys, *argv, "--zero", str(zero))["memory"]["stages"][0]
+             for zero in (0, 1, 2, 3)}
+    assert run_json(capsys, *argv, "--distributed-optimizer")["memory"] == run_json(
+        capsys, *argv, "--zero", "1")["memory"]
+    for zero, sharded in ((1, "optimizer"), (2, "gradients"), (3, "weights")):
+        assert stage[zero][sharded] == pytest.approx(stage[0][sharded] / 8)
+        assert stage[zero - 1][sharded] == stage[0][sharded]
+
+
+def test_hfu_convention_changes_selective_recompute_only(capsys):
+    argv = ("gpt2-124m", "--recompute", "selective")
+    eq8, prose = (run_json(capsys, *argv, "--hfu-convention", name)["flops"]
+                  for name in ("eq8", "prose"))
+    cfg = preset_config("gpt2-124m")
+    assert eq8["hardware_per_token"] - prose["hardware_per_token"] == pytest.approx(
+        8 * cfg.num_layers * cfg.hidden_size * cfg.seq_len)
+    assert eq8["model_per_token"] == prose["model_per_token"]
 
 
 def test_search_json(capsys):
@@ -117,6 +140,7 @@ def test_search_json(capsys):
     (["gpt3-175b", "--search", "--gpus", "7", "--global-batch", "8"], "no layout exists"),
     (["tiny", "--hidden", "100", "--heads", "3"], "model.hidden_size: 100 is not divisible"),
     (["tiny", "--layers", "0"], "--layers must be >= 1"),
+    (["tiny", "--zero", "0", "--distributed-optimizer"], "--zero 0 contradicts"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
     assert main(["plan", *argv]) == 2

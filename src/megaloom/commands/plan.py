@@ -24,8 +24,9 @@ from megaloom.config import (
 )
 from megaloom.model.presets import PRESETS, preset_config
 from megaloom.plan import Layout, PlanError, estimate, get_gpu, search
+from megaloom.plan.flops import HFU_CONVENTIONS
 from megaloom.plan.gpus import GIB, GPUS
-from megaloom.plan.layout import PRECISIONS, RECOMPUTE_CHOICES
+from megaloom.plan.layout import PRECISIONS, RECOMPUTE_CHOICES, ZERO_STAGES
 from megaloom.plan.report import format_plan, format_search
 from megaloom.plan.search import candidate_layouts
 
@@ -49,7 +50,23 @@ def parse_count(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 270e9 or 270B)") from None
 
 
+CONVENTIONS = """\
+conventions:
+  memory      GiB (2^30 bytes) per GPU of its fullest pipeline stage: weights, gradients,
+              optimizer state, activations (Korthikanti et al. 2022, 16-bit, dropout masks
+              and attention scores counted), a fixed --allowance-gib
+  model FLOPs 6 N + 12 L h s per token (MFU's numerator); N counts every parameter used in a
+              matrix product: biases, norms and the padded vocabulary's head included, the
+              input lookups (untied token embedding, learned positions) not
+  hardware    model FLOPs plus recomputation (HFU's numerator): full recompute repeats each
+              layer's forward, selective recompute the attention scores (--hfu-convention)
+  time        hardware FLOPs / rate, plus the pipeline bubble (p - 1) / (m v), except with
+              --achieved-tflops (an end-to-end rate, bubble inside)"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = CONVENTIONS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", metavar="CONFIG|PRESET",
                         help=f"a YAML recipe or a preset ({', '.join(PRESETS)})")
     parser.add_argument("--gpus", type=int, help="GPU count (default tp x pp, i.e. dp = 1)")
@@ -73,14 +90,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="gradient dtype in 16-bit training (default fp32, as Megatron)")
     parser.add_argument("--distributed-optimizer", action="store_true", default=None,
-                        help="shard optimizer state over dp (default: the recipe's "
-                             "parallel.distributed_optimizer, else off)")
+                        help="shard optimizer state over dp, i.e. --zero 1 (default: the "
+                             "recipe's parallel.distributed_optimizer, else off)")
+    parser.add_argument("--zero", type=int, choices=ZERO_STAGES,
+                        help="ZeRO stage: 1 shards the optimizer state over dp, 2 also the "
+                             "gradients, 3 also the weights (megaloom train runs stage 1, "
+                             "parallel.distributed_optimizer; 2 and 3 are planning figures)")
     parser.add_argument("--sequence-parallel", action="store_true", default=None,
                         help="shard norms/dropout activations over tp (default: the recipe's "
                              "parallel.sequence_parallel, else off)")
     parser.add_argument("--recompute", choices=RECOMPUTE_CHOICES,
                         help="activation recomputation (default: full if the recipe's "
                              "train.activation_checkpointing is on, else none)")
+    parser.add_argument("--hfu-convention", choices=HFU_CONVENTIONS, default="eq8",
+                        help="FLOPs of selective recomputation: eq8 (default) Korthikanti et "
+                             "al.'s printed Eq. 8, 12 L h s more per token; prose: their text, "
+                             "the attention matmuls' forward once more, 4 L h s")
     shape = parser.add_argument_group(
         "model shape", "override the shape of CONFIG (a preset or the file's model section)")
     for flag, field in _SHAPE_FLAGS.items():
@@ -171,11 +196,21 @@ def _layout(args: argparse.Namespace, source: _Source) -> Layout:
         recompute=_pick(args.recompute, recipe_recompute, "none"),
         sequence_parallel=bool(_pick(args.sequence_parallel,
                                      parallel and parallel.sequence_parallel, False)),
-        distributed_optimizer=bool(_pick(args.distributed_optimizer,
-                                         parallel and parallel.distributed_optimizer, False)),
+        zero=_zero_stage(args, parallel),
         precision=_pick(args.precision, train and train.precision, "bf16"),
         grad_dtype=args.grad_dtype,
     )
+
+
+def _zero_stage(args: argparse.Namespace, parallel) -> int:
+    """--zero, else 1 where --distributed-optimizer or the recipe shards the optimizer."""
+    distributed = bool(_pick(args.distributed_optimizer,
+                             parallel and parallel.distributed_optimizer, False))
+    if args.zero is None:
+        return int(distributed)
+    if args.zero == 0 and args.distributed_optimizer:
+        raise PlanError("--zero 0 contradicts --distributed-optimizer (which is --zero 1)")
+    return args.zero
 
 
 _SEARCHED = ("tp", "pp", "micro_batch", "recompute", "sequence_parallel")
@@ -228,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     if tokens is None and source.train is not None:
         tokens = float(source.train.max_steps * source.train.global_batch_size * model.seq_len)
     options = dict(mfu=args.mfu, tflops=args.tflops, tokens=tokens,
-                   allowance_bytes=args.allowance_gib * GIB)
+                   allowance_bytes=args.allowance_gib * GIB, hfu_convention=args.hfu_convention)
     if args.achieved_tflops is not None:
         options["achieved_tflops"] = args.achieved_tflops
     gpu = get_gpu(args.gpu)

@@ -115,7 +115,7 @@ class Plan:
                 "global_batch": layout.global_batch,
                 "num_micro_batches": layout.num_micro_batches, "recompute": layout.recompute,
                 "sequence_parallel": layout.sequence_parallel,
-                "distributed_optimizer": layout.distributed_optimizer,
+                "distributed_optimizer": layout.distributed_optimizer, "zero": layout.zero,
                 "precision": layout.precision, "grad_dtype": layout.grad_dtype,
             },
             "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes,
@@ -145,9 +145,9 @@ class Plan:
 def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | None = None,
              tflops: float | None = None, achieved_tflops: float | None = None,
              tokens: float | None = None, allowance_bytes: float = DEFAULT_ALLOWANCE_BYTES,
-             gpus_per_node: int = 8) -> Plan:
+             gpus_per_node: int = 8, hfu_convention: str = "eq8") -> Plan:
     """Plan `model` on `layout` over GPUs `gpu`; the rate is `tflops`, `achieved_tflops` or
-    `mfu` (default 0.4)."""
+    `mfu` (default 0.4); selective recomputation's FLOPs counted by `hfu_convention`."""
     model.validate()
     layout.validate(model, gpus_per_node)
     peak = gpu.peak(layout.precision)
@@ -184,7 +184,8 @@ def estimate(model: ModelConfig, layout: Layout, gpu: GPUSpec, *, mfu: float | N
         stages=stages,
         memory=[stage_memory(model, layout, s, allowance_bytes) for s in ends],
         model_flops_per_token=model_flops_per_token(model),
-        hardware_flops_per_token=hardware_flops_per_token(model, layout.recompute),
+        hardware_flops_per_token=hardware_flops_per_token(model, layout.recompute,
+                                                          hfu_convention),
         bubble=bubble,
         rate_flops=rate,
         peak_flops=peak,

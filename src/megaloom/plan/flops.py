@@ -13,9 +13,13 @@ Megatron and PaLM papers:
   does not change it.
 
 Hardware FLOPs add recomputation: full recompute runs every layer's forward again
-(2 N_layers + 4 L h s more per token; the head is not recomputed), selective recompute only
-the attention scores (4 L h s). For GPT-2 with full recompute this is Narayanan et al.'s
-96 B s l h^2 (1 + s/(6h) + V/(16 l h)) per iteration.
+(2 N_layers + 4 L h s more per token; the head is not recomputed). For GPT-2 this is Narayanan
+et al.'s 96 B s l h^2 (1 + s/(6h) + V/(16 l h)) per iteration. Selective recompute repeats
+the attention scores only, and Korthikanti et al. 2022 count it two ways (`HFU_CONVENTIONS`):
+their prose recomputes the two attention matmuls' forward once, 4 L h s more per token
+("prose"); their printed Eq. 8, 72 B s l h^2 (1 + s/(3h) + V/(12 h l)), doubles the model's
+attention term instead, 12 L h s more per token ("eq8", the default, the one their Table 5
+HFU is computed with).
 
 Bubble fraction of the 1F1B pipeline schedule: idle time over compute time, (p - 1)/m,
 divided by v when interleaved.
@@ -50,13 +54,19 @@ def model_flops_per_token(model_config: ModelConfig) -> float:
     return 6.0 * flops_parameters(model_config) + attention_flops_per_token(model_config)
 
 
-def hardware_flops_per_token(model: ModelConfig, recompute: str) -> float:
-    """Model FLOPs plus the forward work that `recompute` (none/selective/full) repeats."""
-    attention_forward = attention_flops_per_token(model) / 3
+HFU_CONVENTIONS: tuple[str, ...] = ("eq8", "prose")
+
+
+def hardware_flops_per_token(model: ModelConfig, recompute: str,
+                             hfu_convention: str = "eq8") -> float:
+    """Model FLOPs plus the work that `recompute` (none/selective/full) repeats; selective
+    recompute counted by `hfu_convention` ("eq8" or "prose", see the module docstring)."""
+    attention = attention_flops_per_token(model)
+    selective = {"eq8": attention, "prose": attention / 3}[hfu_convention]
     extra = {
         "none": 0.0,
-        "selective": attention_forward,
-        "full": 2.0 * model.num_layers * layer_parameters(model).total + attention_forward,
+        "selective": selective,
+        "full": 2.0 * model.num_layers * layer_parameters(model).total + attention / 3,
     }[recompute]
     return model_flops_per_token(model) + extra
 

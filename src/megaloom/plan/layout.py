@@ -2,8 +2,8 @@
 
 Owns `Layout`, `PlanError` and the rules a layout must satisfy against a model:
 
-- the planner's own inputs: sizes >= 1, precision and gradient dtype, tp within a node, the
-  GPU count a multiple of tp x pp (data parallelism takes the rest);
+- the planner's own inputs: sizes >= 1, precision and gradient dtype, the ZeRO stage, tp
+  within a node, the GPU count a multiple of tp x pp (data parallelism takes the rest);
 - everything the runtime also checks comes from `megaloom.layout_rules`, the one owner of
   layout rules: tp divides the heads, kv heads and MLP width, pp x vpp at most the layers
   (uneven stages split as the runtime splits them), the global batch a multiple of
@@ -22,6 +22,7 @@ from megaloom.layout_rules import LayoutSpec, layout_problems
 Recompute = Literal["none", "selective", "full"]
 RECOMPUTE_CHOICES: tuple[str, ...] = ("none", "selective", "full")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp16", "fp32")
+ZERO_STAGES: tuple[int, ...] = (0, 1, 2, 3)
 
 
 class PlanError(MegaloomError):
@@ -40,13 +41,18 @@ class Layout:
     global_batch: int = 1
     recompute: Recompute = "none"
     sequence_parallel: bool = False
-    distributed_optimizer: bool = False
+    zero: int = 0
     precision: str = "bf16"
     grad_dtype: str = "fp32"
 
     @property
     def dp(self) -> int:
         return self.gpus // (self.tp * self.pp)
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """Optimizer state sharded over dp: ZeRO stage 1 and above."""
+        return self.zero >= 1
 
     @property
     def num_micro_batches(self) -> int:
@@ -58,6 +64,7 @@ class Layout:
         for name in ("gpus", "tp", "pp", "vpp", "micro_batch", "global_batch"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, "
                                               f"got {getattr(self, name)}")
+        _check(self.zero in ZERO_STAGES, f"--zero must be one of 0, 1, 2, 3, got {self.zero}")
         _check(self.recompute in RECOMPUTE_CHOICES,
                f"--recompute must be one of {', '.join(RECOMPUTE_CHOICES)}")
         _check(self.precision in PRECISIONS,

@@ -1,9 +1,11 @@
 """Memory per GPU: weights, gradients, optimizer state and activations, in bytes.
 
 Model state (mixed-precision Adam, as Megatron keeps it): 16-bit weights (2 bytes) plus
-12 bytes of optimizer state per parameter (fp32 main weights 4, Adam m and v 8), sharded over
-dp with the distributed optimizer; gradients in `grad_dtype` (Megatron accumulates in fp32 by
-default). Plain fp32 training keeps 4-byte weights and gradients and 8 bytes of Adam state.
+12 bytes of optimizer state per parameter (fp32 main weights 4, Adam m and v 8); gradients in
+`grad_dtype` (Megatron accumulates in fp32 by default). Plain fp32 training keeps 4-byte
+weights and gradients and 8 bytes of Adam state. ZeRO stage 1 (the distributed optimizer)
+shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the weights:
+with 2-byte gradients this is ZeRO's Table I, (2 + 2 + 12) Psi / Nd at stage 3.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models"), 16-bit activations and 1-byte dropout masks, per layer and micro-batch
@@ -111,17 +113,26 @@ def output_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, 
     return hidden + 4 * sb * model.padded_vocab_size / tp
 
 
-def model_state_bytes_per_param(precision: str, grad_dtype: str,
-                                distributed_optimizer: bool = False) -> dict[str, int]:
+# The ZeRO stage from which each kind of model state is partitioned over dp (Rajbhandari et
+# al. 2020: 1 the optimizer state, 2 also the gradients, 3 also the weights).
+ZERO_PARTITIONS = {"optimizer": 1, "gradients": 2, "weights": 3}
+
+
+def model_state_bytes_per_param(precision: str, grad_dtype: str, zero: int = 0) -> dict[str, int]:
     """Bytes per parameter of weights, gradients and optimizer state (before dp sharding).
 
-    fp32 is megaloom's own path: the Adam moments (8), and with the distributed optimizer also
-    the reduce-scattered gradient of the rank's slice (4 more, then / dp; the slice itself is
-    a view of the weights)."""
+    fp32 is megaloom's own path: the Adam moments (8), and with the distributed optimizer
+    (stage 1) also the reduce-scattered gradient of the rank's slice (4 more, then / dp; the
+    slice itself is a view of the weights). From stage 2 that slice is the gradient itself."""
     if precision == "fp32":
-        return {"weights": 4, "gradients": 4, "optimizer": 12 if distributed_optimizer else 8}
+        return {"weights": 4, "gradients": 4, "optimizer": 12 if zero == 1 else 8}
     return {"weights": BYTES_PER_PARAM[precision], "gradients": BYTES_PER_PARAM[grad_dtype],
             "optimizer": 12}
+
+
+def zero_shards(kind: str, zero: int, dp: int) -> int:
+    """How many dp ranks share one copy of `kind` ("weights", "gradients", "optimizer")."""
+    return dp if zero >= ZERO_PARTITIONS[kind] else 1
 
 
 @dataclass(frozen=True)
@@ -151,9 +162,9 @@ def stage_memory(model: ModelConfig, layout: Layout, stage: StageParams,
                  allowance_bytes: float) -> StageMemory:
     """Peak bytes on one GPU of `stage` (model state, activations, fixed allowance)."""
     params = parameters_per_gpu(model, stage, layout.tp)
-    state = model_state_bytes_per_param(layout.precision, layout.grad_dtype,
-                                        layout.distributed_optimizer)
-    optimizer_shards = layout.dp if layout.distributed_optimizer else 1
+    state = {kind: per_param / zero_shards(kind, layout.zero, layout.dp) for kind, per_param
+             in model_state_bytes_per_param(layout.precision, layout.grad_dtype,
+                                            layout.zero).items()}
     args = (model, model.seq_len, layout.micro_batch, layout.tp, layout.sequence_parallel)
     layers = inflight_layers(model.num_layers, layout.pp, layout.vpp,
                              layout.num_micro_batches, stage.stage, stage.num_layers)
@@ -163,7 +174,7 @@ def stage_memory(model: ModelConfig, layout: Layout, stage: StageParams,
         params_per_gpu=params,
         weights=params * state["weights"],
         gradients=params * state["gradients"],
-        optimizer=params * state["optimizer"] / optimizer_shards,
+        optimizer=params * state["optimizer"],
         activations=layers * layer_activation_bytes(*args, layout.recompute),
         recompute_working=recompute_working_bytes(*args, layout.recompute),
         output_activations=output_activation_bytes(*args) if last else 0.0,

@@ -48,9 +48,13 @@ def describe_layout(plan: Plan) -> list[str]:
         f"{lay.num_micro_batches} micro-batches per pipeline",
         f"{lay.precision} weights, {'fp32' if lay.precision == 'fp32' else lay.grad_dtype} "
         f"gradients, recompute {lay.recompute}, sequence parallel "
-        f"{'on' if lay.sequence_parallel else 'off'}, distributed optimizer "
-        f"{'on' if lay.distributed_optimizer else 'off'}",
+        f"{'on' if lay.sequence_parallel else 'off'}, {_ZERO_WORDS[lay.zero]}",
     ]
+
+
+_ZERO_WORDS = {0: "distributed optimizer off", 1: "distributed optimizer on (ZeRO-1)",
+               2: "ZeRO-2 (optimizer state and gradients sharded over dp)",
+               3: "ZeRO-3 (optimizer state, gradients and weights sharded over dp)"}
 
 
 def _rows(rows: list[tuple[str, str]]) -> list[str]:

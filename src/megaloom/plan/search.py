@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from megaloom.config import ModelConfig
-from megaloom.plan.estimate import DEFAULT_ALLOWANCE_BYTES, Plan, estimate
+from megaloom.plan.estimate import Plan, estimate
 from megaloom.plan.gpus import GPUSpec
 from megaloom.plan.layout import RECOMPUTE_CHOICES, Layout, PlanError
 
@@ -62,15 +62,12 @@ def _rank(plan: Plan) -> tuple:
 
 
 def search(model: ModelConfig, base: Layout, gpu: GPUSpec, *, gpus_per_node: int = 8,
-           top: int | None = None, mfu: float | None = None, tflops: float | None = None,
-           tokens: float | None = None,
-           allowance_bytes: float = DEFAULT_ALLOWANCE_BYTES) -> list[Plan]:
+           top: int | None = None, **options) -> list[Plan]:
     """Plans of every fitting layout of `base.gpus` GPUs, fastest first (`top` of them when
-    given); the rate, tokens and allowance are passed to `estimate`."""
+    given); `options` (rate, tokens, allowance, HFU convention) are passed to `estimate`."""
     plans = []
     for layout in candidate_layouts(model, base, gpus_per_node):
-        plan = estimate(model, layout, gpu, mfu=mfu, tflops=tflops, tokens=tokens,
-                        allowance_bytes=allowance_bytes, gpus_per_node=gpus_per_node)
+        plan = estimate(model, layout, gpu, gpus_per_node=gpus_per_node, **options)
         if plan.fits:
             plans.append(plan)
     plans.sort(key=_rank)
