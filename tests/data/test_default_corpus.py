@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from megaloom.config import DataConfig
 from megaloom.data import default_corpus as dc
 from megaloom.data.gpt_dataset import build_gpt_datasets
 from megaloom.data.indexed import IndexedReader
 from megaloom.data.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="session")
-def default_data(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("megaloom-cache")
-    start = time.perf_counter()
-    tokenizer, prefix = dc.ensure_default_data(str(cache), vocab_size=4096)
-    return cache, tokenizer, prefix, time.perf_counter() - start
 
 
 def test_default_corpus_is_python_documentation(default_data):

@@ -67,3 +67,15 @@ def test_ranks_under_the_launchers_lock_do_not_take_it_again(tmp_path):
                                   env=env)
         assert stranger.returncode != 0 and "is in use by another run" in stranger.stderr
     assert HELD_BY_PARENT not in os.environ
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError), hold_output_dir(out):
+        raise RuntimeError("bad data")
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    with hold_output_dir(existing):
+        (existing / "metrics.jsonl").write_text("{}\n")
+    assert (existing / "metrics.jsonl").is_file()

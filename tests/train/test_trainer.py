@@ -87,10 +87,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
 
 def test_bf16_tracks_fp32(tmp_path):
+    """The whole curve, step by step: measured here within 8e-5 relative of fp32 on every one of
+    the 20 steps; 2e-3 leaves room for other CPUs' bf16 kernels, and a curve equal to fp32's
+    would mean bf16 never ran."""
     make_trainer(tmp_path / "fp32", dropout=0.0, max_steps=20).run()
     make_trainer(tmp_path / "bf16", dropout=0.0, max_steps=20, precision="bf16").run()
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
-    assert abs(bf16[-1] - fp32[-1]) / fp32[-1] < 0.02
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-3)
+    assert bf16 != fp32
 
 
 def test_fp16_overflow_steps_are_skipped_and_scale_backs_off(tmp_path):

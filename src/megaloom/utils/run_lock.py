@@ -26,13 +26,27 @@ HELD_BY_PARENT = "MEGALOOM_LOCKED_OUT_DIR"
 @contextmanager
 def hold_output_dir(out_dir: str | Path) -> Iterator[None]:
     """Hold the lock on `out_dir` (created if missing) for the block, or fail with a line
-    naming the PID of the run that holds it."""
+    naming the PID of the run that holds it. A directory this call created and the run left
+    empty (it failed before writing anything) is removed again."""
     directory = Path(out_dir).resolve()
     if (os.environ.get(HELD_BY_PARENT) == str(directory)
             or not Launch.from_environment().is_leader):
         yield
         return
+    created = [d for d in (directory, *directory.parents) if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(directory):
+            yield
+    finally:
+        if created and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
+            (directory / LOCK_FILE).unlink()
+            for path in created:  # innermost first
+                path.rmdir()
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
     with open(directory / LOCK_FILE, "a+", encoding="utf-8") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
