@@ -13,7 +13,6 @@ and counted.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -35,6 +34,7 @@ from megaloom.data.documents import (
     parse_record,
 )
 from megaloom.data.indexed import IndexedWriter, optimal_dtype
+from megaloom.data.long_text import encode_documents
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError
 
@@ -89,18 +89,23 @@ class ChunkEncoder:
         self.skip_bad = skip_bad
 
     def __call__(self, chunk: Chunk) -> ChunkResult:
-        texts, bad = [], []
+        texts, lines, bad = [], [], []
         for line, raw in chunk.records:
             try:
                 texts.append(parse_record(chunk.path, chunk.kind, line, raw, self.json_key))
+                lines.append(line)
             except DataError as exc:
                 if not self.skip_bad:
                     raise
                 bad.append(str(exc))
-        encoded = [ids + self.eod for ids in self.tokenizer.encode_batch(texts) if ids]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int32, count=len(encoded))
-        tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=self.dtype,
-                             count=int(lengths.sum()))
+        encoded = [ids for ids in encode_documents(self.tokenizer, texts, self.dtype,
+                                                   lambda i: f"{chunk.path}:{lines[i]}")
+                   if ids.size]
+        eod = np.asarray(self.eod, dtype=self.dtype)
+        lengths = np.fromiter((ids.size + eod.size for ids in encoded), dtype=np.int32,
+                              count=len(encoded))
+        pieces = [part for ids in encoded for part in (ids, eod)]
+        tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=self.dtype)
         return ChunkResult(tokens, lengths, bad, len(texts) - len(encoded), chunk.nbytes)
 
 

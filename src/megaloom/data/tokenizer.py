@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from megaloom.data.documents import BadRecords, expand_inputs, iter_documents
+from megaloom.data.long_text import split_for_encoding
 from megaloom.errors import DataError
 from megaloom.utils.io import atomic_write_text
 
@@ -131,10 +132,10 @@ def train_bpe(
     logger.info("training byte-level BPE (vocab %d) on %d file(s)", vocab_size, len(paths))
     seen = [0]
 
-    def counted():
+    def counted():  # long documents in pieces: the same pre-tokens, so the same counts
         for text in iter_documents(paths, json_key, bad):
             seen[0] += bool(text.strip())
-            yield text
+            yield from split_for_encoding(text)
 
     hf.train_from_iterator(counted(), trainer=trainer)
     if not seen[0]:
