@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megaloom.config import Config, ModelConfig, TrainConfig
+from megaloom.errors import MegaloomError
 from megaloom.train.metrics import read_metrics
 from megaloom.train.trainer import Trainer
 
@@ -111,6 +112,17 @@ def test_fp16_overflow_steps_are_skipped_and_scale_backs_off(tmp_path):
     assert trainer.skipped_steps >= 2
     assert any(not r["skipped"] for r in records)  # once the scale fits, training proceeds
     assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_a_diverging_run_without_loss_scaling_stops_with_one_error(tmp_path):
+    """fp32 (and bf16) have no loss scale to back off: a non-finite gradient norm ends the run
+    with the step named, instead of skipping every later step in silence."""
+    trainer = make_trainer(tmp_path, dropout=0.0, lr=1e30, min_lr=1e29, warmup_steps=0,
+                           grad_clip=0.0)
+    with pytest.raises(MegaloomError, match=r"step 2: training diverged \(loss nan, gradient "
+                                            r"norm nan, lr 9\.\d+e\+29\); no update was made"):
+        trainer.run()
+    assert trainer.step == 1 and len(read_metrics(tmp_path / "metrics.jsonl")) == 1
 
 
 def test_sigterm_saves_checkpoint_and_stops(tmp_path):

@@ -297,6 +297,11 @@ class Trainer:
         grad_norm = self.clip_gradients()
         lr = learning_rate(self.step, self.cfg)
         skipped = not math.isfinite(grad_norm)
+        if skipped and not self.scaler:  # no loss scale to back off: the run has diverged
+            raise MegaloomError(
+                f"step {self.step + 1}: training diverged (loss {loss}, gradient norm "
+                f"{grad_norm}, lr {lr:g}); no update was made and the last checkpoint is "
+                "intact: lower train.lr, or keep train.grad_clip on")
         if skipped:
             self.skipped_steps += 1
             log.warning("step %d: non-finite gradient norm; update skipped", self.step + 1)
