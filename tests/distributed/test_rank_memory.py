@@ -79,7 +79,7 @@ def _count_rank(rank, world, tp, pp, vpp, zero, config, results):
     # itself is a view of the parameters)
     shards = sum(s.shard.grad.numel() * 4 for s in optimizer.shards)
     layout = Layout(gpus=world, tp=tp, pp=pp, vpp=vpp, micro_batch=1, global_batch=4,
-                    precision="fp32", distributed_optimizer=zero).validate(config)
+                    precision="fp32", zero=int(zero)).validate(config)
     plan = stage_memory(config, layout, stage_parameters(config, pp, vpp)[trainer.topo.pp_axis
                                                                            .rank], 0.0)
     weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
