@@ -57,10 +57,25 @@ def test_bad_input_is_one_line(tmp_path, models, capfd, task, name, content, fla
     assert code == 2 and len(errors) == 1 and expected in errors[0], errors
 
 
-def test_model_must_suit_the_task(tmp_path, models, capfd):
+MISUSE = [  # (model, task, flags, expected words in the error)
+    ("classifier", "choice", [], "needs a language model"),
+    ("classifier", "classify", ["--label-words", "a=b,c=d"], "predicts with its head"),
+    ("lm", "classify", ["--prompt", "Text:"], "{text}"),
+    ("lm", "classify", ["--label-words", "positive"], "label=word"),
+    ("lm", "classify", ["--label-words", "a=x,a=y"], "twice"),
+    ("lm", "classify", ["--label-words", "negative=bad,positive=good"], "not one of"),
+]
+
+
+@pytest.mark.parametrize("model,task,flags,expected", MISUSE, ids=[m[3] for m in MISUSE])
+def test_model_and_flags_must_suit_the_task(tmp_path, models, capfd, model, task, flags,
+                                            expected):
     data = write_jsonl(tmp_path / "cls.jsonl", classify_records())
-    assert main(["evaluate", str(models.lm), "--task", "classify", "--data", str(data)]) == 2
-    assert "needs a classifier" in capfd.readouterr().err
+    capfd.readouterr()
+    assert main(["evaluate", str(getattr(models, model)), "--task", task, "--data", str(data),
+                 *flags]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], errors
 
 
 def test_skip_bad_counts_and_reports(tmp_path, models):

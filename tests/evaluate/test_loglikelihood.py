@@ -1,12 +1,14 @@
-"""lambada and choice against log-likelihoods computed with `transformers` on the exported
-model (the lm-eval comparison lives in test_lm_eval.py)."""
+"""lambada, choice and zero-shot classification by label words against log-likelihoods
+computed with `transformers` on the exported model (the lm-eval comparison lives in
+test_lm_eval.py)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from eval_helpers import choice_records, lambada_records, write_jsonl
+from eval_helpers import LABELS, choice_records, classify_records, lambada_records, write_jsonl
+from sklearn.metrics import accuracy_score, f1_score
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megaloom.cli import main
@@ -75,3 +77,27 @@ def test_truncate_cuts_long_contexts_from_the_left(tmp_path, models, hf):
                  "--json", str(refused)]) == 2
     report = run(tmp_path, models.lm, "lambada", [long], "--truncate")
     assert report["truncated"] == 1 and report["documents"] == 1
+
+
+@pytest.mark.parametrize("words", [None, {"negative": "bad", "neutral": "so", "positive": "good"}])
+def test_zero_shot_label_words_equal_transformers(tmp_path, models, hf, words):
+    records = classify_records()
+    prompt = "Review: {text}\nSentiment:"
+    flags = ["--prompt", prompt]
+    if words:
+        flags += ["--label-words", ",".join(f"{k}={v}" for k, v in words.items())]
+    report = run(tmp_path, models.lm, "classify", records, *flags)
+    labels = list(words) if words else sorted(LABELS)
+    scored = list(words.values()) if words else labels
+    true, predicted = [], []
+    for record, got in zip(records, report["loglikelihoods"], strict=True):
+        context = prompt.replace("{text}", record["text"])
+        lls = [reference(hf, context, " " + word)[0] for word in scored]
+        np.testing.assert_allclose(got, lls, atol=1e-4)
+        true.append(labels.index(record["label"]))
+        predicted.append(int(np.argmax(lls)))
+    assert report["labels"] == labels
+    assert report["predictions"] == [labels[p] for p in predicted]
+    assert report["accuracy"] == pytest.approx(accuracy_score(true, predicted))
+    assert report["macro"]["f1"] == pytest.approx(
+        f1_score(true, predicted, average="macro", labels=range(len(labels)), zero_division=0))

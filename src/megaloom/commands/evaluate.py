@@ -3,7 +3,8 @@ score a model with a named protocol (`megaloom.evaluate`).
 
 Tasks: `perplexity` (strided, chunks or megatron protocol), `lambada` (cloze, last word),
 `choice` (multiple choice by log-likelihood), `generate` (ROUGE of generations against
-references) and `classify` (fine-tuned classifiers, scikit-learn metrics). MODEL is a run
+references) and `classify` (fine-tuned classifiers, or a language model zero-shot by label
+words; scikit-learn metrics). MODEL is a run
 directory, a fine-tuned run or `hf:DIR`. The results table goes to stdout, the whole report to
 `--json`, and with `--db` to the `evaluations` table (generations too, with their scores).
 `--nproc N` splits the model over N tensor-parallel ranks; every rank computes the same
@@ -75,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cls = parser.add_argument_group("classify")
     cls.add_argument("--confusion", metavar="PNG",
                      help="confusion-matrix image (default: beside --json)")
+    cls.add_argument("--prompt", default=None,
+                     help="language models (zero-shot): the text before the label word, with "
+                          "{text} for the record's text (default: '{text}\\nAnswer:')")
+    cls.add_argument("--label-words", default=None, metavar="LABEL=WORD,...",
+                     help="language models (zero-shot): the word scored for each label "
+                          "(default: the labels themselves)")
 
 
 def run(args: argparse.Namespace) -> int:

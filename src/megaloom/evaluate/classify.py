@@ -61,8 +61,14 @@ def classify(model, tokenizer, labels: Sequence[str], records: Sequence[Record],
         truncated += len(ids) > seq_len
         rows.append(ids[:seq_len])
     predicted = predict(model, rows, len(labels), batch_size, device, progress)
-    true = [label for _, label in examples]
-    report = metrics.classification(true, predicted, labels)
+    report = summary([label for _, label in examples], predicted, labels)
+    return {**report, "protocol": f"the classifier head at each text's last token; "
+                                  f"{report['protocol']}",
+            "documents": len(examples), "truncated": truncated}
+
+
+def summary(true: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict:
+    """scikit-learn's metrics, the majority-class baseline and every prediction by name."""
     majority = float(np.bincount(true, minlength=len(labels)).max() / len(true))
-    return {**report, "documents": len(examples), "truncated": truncated,
-            "majority_baseline": majority, "predictions": [labels[p] for p in predicted]}
+    return {**metrics.classification(true, predicted, labels), "majority_baseline": majority,
+            "predictions": [labels[p] for p in predicted]}

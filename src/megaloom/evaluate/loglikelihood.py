@@ -136,10 +136,9 @@ def choice(scorer: Scorer, encoder: PairEncoder, records: Sequence[Record],
             windows.extend(built[1])
     if not questions:
         raise DataError("no question left to score")
-    scored = iter(scorer.score(windows, desc="choice"))
     correct, correct_norm, samples = [], [], []
-    for question in questions:
-        lls = np.array([next(scored).total for _ in question.choices])
+    for question, lls in zip(questions, loglikelihoods(scorer, questions, windows, "choice"),
+                             strict=True):
         lengths = np.array([len(c) for c in question.choices], dtype=float)
         correct.append(int(np.argmax(lls)) == question.label)
         correct_norm.append(int(np.argmax(lls / lengths)) == question.label)
@@ -151,8 +150,20 @@ def choice(scorer: Scorer, encoder: PairEncoder, records: Sequence[Record],
             "acc_norm": float(np.mean(correct_norm)), "samples": samples}
 
 
+def loglikelihoods(scorer: Scorer, questions: Sequence[Question], windows: Sequence[Window],
+                   desc: str) -> list[np.ndarray]:
+    """Each question's choice log-likelihoods, from `windows` (its choices', in order)."""
+    scored = iter(scorer.score(windows, desc=desc))
+    return [np.array([next(scored).total for _ in q.choices]) for q in questions]
+
+
+def question_windows(encoder: PairEncoder, question: Question) -> list[Window]:
+    """One window per choice, scored as `" " + choice` after the context."""
+    return [encoder.window(question.where,
+                           encoder.encode(question.where, question.context, " " + c))
+            for c in question.choices]
+
+
 def _question_windows(encoder: PairEncoder, record: Record) -> tuple[Question, list[Window]]:
     question = read_question(record)
-    return question, [encoder.window(question.where,
-                                     encoder.encode(question.where, question.context, " " + c))
-                      for c in question.choices]
+    return question, question_windows(encoder, question)

@@ -3,6 +3,7 @@ tensor-parallel shard), then hand it to the task's module.
 
 Everything that can be checked without the model (flags, the data file) is checked before it
 loads; the rest (window lengths against `seq_len`, classifier vs language model) right after.
+`classify` on a language model is zero-shot classification by label words (`label_words`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from megaloom.config import Config
 from megaloom.errors import DataError, MegaloomError
-from megaloom.evaluate import classify, generation, loglikelihood, perplexity
+from megaloom.evaluate import classify, generation, label_words, loglikelihood, perplexity
 from megaloom.evaluate.scoring import Scorer
 from megaloom.tasks.records import BadRecords, read_records
 
@@ -32,6 +33,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DataError(f"--task {args.task} reads JSONL records, not a .txt file")
     if args.max_length is not None and args.stride is not None:
         perplexity.check_lengths(args.max_length, args.stride, args.max_length)
+    if args.prompt is not None:
+        label_words.check_prompt(args.prompt)
+    if args.label_words is not None:
+        label_words.parse_label_words(args.label_words)
     if args.task == "generate":
         from megaloom.commands.generate import sampling_params
 
@@ -57,11 +62,12 @@ class Evaluation:
 
         model, config, tokenizer_path, topo = load_for_inference(args.model, args.device)
         device = next(model.parameters()).device
-        is_classifier = bool(config.model.num_labels)
-        if is_classifier != (args.task == "classify"):
-            kinds = ("a language model", "a classifier")
-            raise MegaloomError(f"{args.model} is {kinds[is_classifier]}; --task {args.task} "
-                                f"needs {kinds[args.task == 'classify']}")
+        if config.model.num_labels and args.task != "classify":
+            raise MegaloomError(f"{args.model} is a classifier; --task {args.task} needs a "
+                                "language model")
+        if config.model.num_labels and (args.prompt or args.label_words):
+            raise MegaloomError(f"{args.model} is a classifier: it predicts with its head, "
+                                "and --prompt/--label-words are for language models")
         return cls(model, config, Tokenizer.from_file(tokenizer_path), device, topo)
 
     def run(self, args: argparse.Namespace, sinks: list) -> dict | None:
@@ -78,7 +84,7 @@ class Evaluation:
 
     def _score(self, args: argparse.Namespace, bad: BadRecords) -> dict:
         seq_len = self.config.model.seq_len
-        if args.task == "classify":
+        if args.task == "classify" and self.config.model.num_labels:
             records = read_records(args.data, bad)
             return classify.classify(self.model, self.tokenizer, self.config.task.labels,
                                      records, seq_len, args.batch_size, self.device, bad,
@@ -96,6 +102,10 @@ class Evaluation:
         records = read_records(args.data, bad)
         if args.task == "lambada":
             return loglikelihood.lambada(scorer, encoder, records, args.field, bad)
+        if args.task == "classify":
+            words = label_words.parse_label_words(args.label_words) if args.label_words else None
+            return label_words.classify(scorer, encoder, records,
+                                        args.prompt or label_words.DEFAULT_PROMPT, words, bad)
         return loglikelihood.choice(scorer, encoder, records, bad)
 
     def _generate(self, args: argparse.Namespace, sinks: list, bad: BadRecords) -> dict | None:
