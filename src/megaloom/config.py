@@ -157,6 +157,44 @@ class DataConfig:
     cache_dir: str = ".megaloom-cache"
 
 
+PROJECTIONS = ("qkv", "proj", "up", "gate", "down")
+PRUNING_TARGETS = (*PROJECTIONS, "embed", "lm_head")
+
+
+@dataclass
+class PruningConfig:
+    """Gradual magnitude pruning while training (Zhu & Gupta 2017): from `start_step` every
+    `interval` steps until `end_step`, each target weight's smallest-magnitude entries are
+    masked to reach the cubic schedule's sparsity, ending at `sparsity`. Off while `sparsity`
+    is 0. Targets: the projections by default; `embed` and `lm_head` opt-in; norms never."""
+
+    sparsity: float = 0.0
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None  # default: train.max_steps
+    interval: int = 10
+    targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+
+    @property
+    def enabled(self) -> bool:
+        return self.sparsity > 0
+
+    def validate(self, max_steps: int) -> None:
+        _require(0.0 <= self.sparsity < 1.0, "train.pruning.sparsity", "must be in [0, 1)")
+        _require(0.0 <= self.initial_sparsity <= self.sparsity or not self.enabled,
+                 "train.pruning.initial_sparsity", "must be in [0, train.pruning.sparsity]")
+        _require(self.start_step >= 0, "train.pruning.start_step", "must be >= 0")
+        _require(self.interval >= 1, "train.pruning.interval", "must be >= 1")
+        end = max_steps if self.end_step is None else self.end_step
+        _require(end >= self.start_step, "train.pruning.end_step",
+                 f"must be >= train.pruning.start_step={self.start_step}, got {end}")
+        unknown = [t for t in self.targets if t not in PRUNING_TARGETS]
+        _require(not unknown, "train.pruning.targets",
+                 f"unknown weight(s) {unknown}; choose from {', '.join(PRUNING_TARGETS)}")
+        _require(bool(self.targets), "train.pruning.targets", "must name at least one weight")
+        _require_finite(self, "train.pruning")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, logging and checkpointing of a training run."""
@@ -189,6 +227,7 @@ class TrainConfig:
     tensorboard: bool = False
     exit_at_step: int | None = None
     peak_tflops: float | None = None  # per device, for MFU (default: the GPU table; CPU none)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
 
     def validate(self) -> None:
         _require(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -221,6 +260,7 @@ class TrainConfig:
         _require(self.eval_iters >= 1, "train.eval_iters", "must be >= 1")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops",
                  "must be > 0 (or unset: the GPU table's peak)")
+        self.pruning.validate(self.max_steps)
         _require_finite(self, "train")
 
 
@@ -242,7 +282,7 @@ class ParallelConfig:
         _require_finite(self, "parallel")
 
 
-LORA_TARGETS = ("qkv", "proj", "up", "gate", "down")
+LORA_TARGETS = PROJECTIONS
 
 
 @dataclass
@@ -333,6 +373,9 @@ class Config:
         _require(self.model.num_labels == 0 or self.task.name == "classify",
                  "model.num_labels", f"is {self.model.num_labels} for task.name="
                  f"{self.task.name!r} (only a classifier has labels)")
+        _require(not (self.train.pruning.enabled and self.task.lora.rank),
+                 "train.pruning.sparsity", "cannot prune under LoRA (task.lora.rank > 0): "
+                 "the merged adapters would fill the pruned weights again")
         par, train = self.parallel, self.train
         spec = LayoutSpec(tp=par.tp, pp=par.pp, vpp=par.vpp, dp=None,
                           sequence_parallel=par.sequence_parallel,

@@ -76,9 +76,10 @@ def load_weights(model: GPT, topo: Topology, source: TensorSource) -> None:
         param[tuple(slice(0, size) for size in values.shape)].copy_(values)
 
 
-def write_weights(writer: ShardWriter, model: GPT, topo: Topology) -> None:
-    """Add this rank's weights to a checkpoint `writer` as boxes of the plain model's tensors:
-    dp rank 0 only, tp-replicated tensors from tp rank 0, a tied head copy never."""
+def owned_boxes(model: GPT, topo: Topology):
+    """(stored name, parameter, full shape, box) of every tensor this rank writes: dp rank 0
+    only, tp-replicated tensors from tp rank 0, a tied head copy never (so each element of
+    the plain model is written, or counted, exactly once over the layout)."""
     if topo.dp_axis.rank:
         return
     for name, param in model.named_parameters():
@@ -86,8 +87,19 @@ def write_weights(writer: ShardWriter, model: GPT, topo: Topology) -> None:
         if (replicated and topo.tp_axis.rank) or getattr(param, "norm_duplicate", False):
             continue
         full_shape, box = shard_box(param, topo.tp_axis)
-        local = param.detach()[tuple(slice(0, hi - lo) for lo, hi in box)]
-        writer.add(stored_name(name, model.config), full_shape, box, local)
+        yield stored_name(name, model.config), param, full_shape, box
+
+
+def real_part(tensor: torch.Tensor, box: Box) -> torch.Tensor:
+    """The local tensor without its tp padding (the part `box` covers)."""
+    return tensor[tuple(slice(0, hi - lo) for lo, hi in box)]
+
+
+def write_weights(writer: ShardWriter, model: GPT, topo: Topology) -> None:
+    """Add this rank's weights to a checkpoint `writer` as boxes of the plain model's
+    tensors (`owned_boxes`)."""
+    for key, param, full_shape, box in owned_boxes(model, topo):
+        writer.add(key, full_shape, box, real_part(param.detach(), box))
 
 
 def build_shard(config: ModelConfig, topo: Topology, source: TensorSource,

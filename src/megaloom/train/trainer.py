@@ -34,6 +34,7 @@ from tqdm import tqdm
 from megaloom.checkpoint.files import STATE_FILE
 from megaloom.checkpoint.reader import find_latest, open_checkpoint
 from megaloom.checkpoint.shards import ShardWriter
+from megaloom.compress.gradual import GradualPruner
 from megaloom.config import Config, ConfigError
 from megaloom.errors import CheckpointError, MegaloomError
 from megaloom.model.gpt import GPT
@@ -121,6 +122,8 @@ class Trainer:
         self.skipped_steps = 0
         self._stop_signal: int | None = None
         self.flops = FlopsMeter.for_run(config, self.device, topo.world_size)
+        self.pruner = (GradualPruner(model, topo, self.cfg.pruning, self.cfg.max_steps)
+                       if self.cfg.pruning.enabled else None)
 
     @classmethod
     def create(
@@ -170,6 +173,7 @@ class Trainer:
             "layout": {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
                        "vpp": self.vpp,
                        "distributed_optimizer": self.optimizer.distributed},
+            "pruning": self.pruner.state() if self.pruner else None,
         }
 
     def save(self) -> Path:
@@ -178,6 +182,8 @@ class Trainer:
         def add_chunks(writer: ShardWriter) -> None:
             write_weights(writer, self.model, self.topo)
             self.optimizer.write_state(writer)
+            if self.pruner:
+                self.pruner.write(writer)
 
         path = save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
                                     self.tokenizer_path, self.trainer_state(),
@@ -213,6 +219,8 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self.scaler and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
+        if self.pruner:
+            self.pruner.read(checkpoint, state.get("pruning"))
         if self.is_main:
             self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", checkpoint.directory, self.step)
@@ -312,6 +320,8 @@ class Trainer:
         if self.scaler:
             self.scaler.update(skipped)
         self.step += 1
+        if self.pruner:
+            self.pruner.after_step(self.step)
         elapsed = time.perf_counter() - started
         tokens = sum(batch["tokens"].numel() for batch in batches) * self.topo.dp
         record = {
@@ -326,6 +336,8 @@ class Trainer:
         }
         if self.scaler:
             record["loss_scale"] = self.scaler.scale
+        if self.pruner:
+            record.update(self.pruner.figures)
         return record
 
     @torch.no_grad()
@@ -396,6 +408,8 @@ class Trainer:
         previous = self._install_signal_handlers()
         if self.is_main:
             log.info("%s", self.flops.describe())
+        if self.pruner:
+            self.pruner.begin(self.step)
         last_loss = val_loss = None
         last_saved = find_latest(self.out_dir) if self.out_dir.exists() else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
@@ -413,7 +427,9 @@ class Trainer:
                     metrics.write(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", **progress_rate(record))
+                                tok_s=f"{record['tokens_per_s']:.0f}", **progress_rate(record),
+                                **({"sparsity": f"{record['sparsity']:.3f}"} if self.pruner
+                                   else {}))
                 if self.step % cfg.save_interval == 0:
                     last_saved = self.save()
             if last_saved is None or last_saved.name != step_dir_name(self.step):
