@@ -1,0 +1,95 @@
+"""`megaloom prune MODEL --out DIR --method magnitude|wanda --sparsity S [--pattern
+unstructured|2:4|4:8] [--calibration FILE]`: one-shot pruning (`megaloom.compress.oneshot`).
+
+MODEL is a run, a checkpoint or `hf:DIR`; DIR becomes an ordinary weights-only checkpoint
+(zeros stored as zeros, tokenizer copied) that `generate`, `serve`, `evaluate`, `convert` and
+`model.init_from` load, with `prune.json` beside it: sparsity overall, per layer and per
+tensor. Wanda needs calibration text (`.txt`, or JSONL `text`), cut into `--samples` windows
+of the model's `seq_len` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megaloom.config import PROJECTIONS, PRUNING_TARGETS
+
+NAME = "prune"
+HELP = "prune a model once: magnitude or Wanda, unstructured or N:M (2:4)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="run dir, checkpoint dir or hf:DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
+    parser.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of each target weight set to zero (N:M patterns imply "
+                             "1 - N/M)")
+    parser.add_argument("--pattern", default="unstructured",
+                        help="unstructured (default) or N:M, e.g. 2:4 or 4:8")
+    parser.add_argument("--targets", default=",".join(PROJECTIONS),
+                        help=f"weights to prune, among {', '.join(PRUNING_TARGETS)} "
+                             f"(default: {','.join(PROJECTIONS)})")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="text for Wanda's input norms (.txt or JSONL 'text')")
+    parser.add_argument("--samples", type=int, default=32,
+                        help="calibration windows of seq_len tokens (default 32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megaloom.checkpoint.files import save_model_files
+    from megaloom.compress.oneshot import Pattern, prune_model
+    from megaloom.errors import MegaloomError
+    from megaloom.loading import load_model, require_tokenizer
+
+    pattern = Pattern.parse(args.pattern)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in PRUNING_TARGETS]
+    if unknown or not targets:
+        raise MegaloomError(f"--targets: unknown weight(s) {unknown or '(none)'}; choose from "
+                            f"{', '.join(PRUNING_TARGETS)}")
+    if args.samples < 1:
+        raise MegaloomError("--samples must be >= 1")
+    if args.calibration and not Path(args.calibration).is_file():
+        raise MegaloomError(f"calibration file not found: {args.calibration}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise MegaloomError(f"--out {out} exists and is not empty")
+    model, config, tokenizer_path = load_model(args.model)
+    windows = []
+    if args.calibration:
+        windows = calibration_windows(args.calibration, require_tokenizer(args.model,
+                                                                          tokenizer_path),
+                                      config.model.seq_len, args.samples)
+    report = prune_model(model, args.method, args.sparsity, pattern, targets, windows)
+    save_model_files(out, model, config, tokenizer_path)
+    (out / "prune.json").write_text(json.dumps({"model": str(args.model), **report},
+                                               indent=2) + "\n")
+    print(f"pruned {len(report['tensors'])} tensors of {args.model} ({args.method}, "
+          f"{report['pattern']}): {report['overall']:.4f} of their weights are zero")
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def calibration_windows(path: str, tokenizer_path: Path, seq_len: int, samples: int) -> list:
+    """The first `samples` non-overlapping windows of `seq_len` tokens of the text (documents
+    joined by the end-of-document token)."""
+    import torch
+
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.errors import DataError
+    from megaloom.evaluate.perplexity import read_documents
+    from megaloom.tasks.records import BadRecords
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    ids: list[int] = []
+    for document in read_documents(path, "text", BadRecords(False)):
+        ids += [*tokenizer.encode(document.text), tokenizer.eod_id]
+        if len(ids) >= samples * seq_len:
+            break
+    count = min(samples, len(ids) // seq_len)
+    if count == 0:
+        raise DataError(f"{path}: {len(ids)} tokens, fewer than one {seq_len}-token window")
+    return [torch.tensor(ids[i * seq_len:(i + 1) * seq_len]) for i in range(count)]
