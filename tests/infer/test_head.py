@@ -10,11 +10,11 @@ from megaloom.infer import Engine, SamplingError
 from megaloom.infer.head import (
     LogitsHead,
     PackedHead,
-    native_bf16,
     packing_supported,
     row_argmax,
     screening_supported,
 )
+from megaloom.utils.device import native_bf16
 
 VOCAB = 1000
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from megaloom.utils.device import native_bf16
+
 BF16_ROUNDOFF = 2.0**-8  # unit roundoff of bf16 with round-to-nearest
 FP32_ROUNDOFF = 2.0**-24
 MAX_CANDIDATES = 1024  # beyond this many candidates a row takes the full fp32 logits
@@ -40,11 +42,6 @@ def row_argmax(logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(dim=-1)
     rows = logits.detach().float().numpy()
     return torch.tensor([int(row.argmax()) for row in rows], dtype=torch.long)
-
-
-def native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def packing_supported(weight: torch.Tensor) -> bool:

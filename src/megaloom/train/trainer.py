@@ -65,7 +65,7 @@ from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
 from megaloom.train.mfu import FlopsMeter, progress_rate
 from megaloom.train.precision import DynamicLossScaler, autocast_context
 from megaloom.train.schedule import learning_rate
-from megaloom.utils.device import resolve_device
+from megaloom.utils.device import native_bf16, resolve_device
 from megaloom.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -408,6 +408,10 @@ class Trainer:
         previous = self._install_signal_handlers()
         if self.is_main:
             log.info("%s", self.flops.describe())
+            if (self.device.type == "cpu" and cfg.precision != "fp32" and not native_bf16()):
+                log.warning("train.precision=%s on a CPU without native bf16 kernels (no "
+                            "AVX-512 BF16 / AMX): autocast is far slower here than fp32 (bf16, "
+                            "tiny recipe: ~28x); use train.precision=fp32", cfg.precision)
         if self.pruner:
             self.pruner.begin(self.step)
         last_loss = val_loss = None

@@ -20,3 +20,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type != "cpu" and not torch.accelerator.is_available():
         raise ConfigError(f"device {name!r} requested but no accelerator is available")
     return device
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
