@@ -58,6 +58,7 @@ class ModelConfig:
     hidden_size: int = 256
     num_heads: int = 4
     num_kv_heads: int | None = None
+    head_dim: int | None = None  # default hidden_size / num_heads
     ffn_hidden_size: int | None = None
     seq_len: int = 256
     vocab_size: int = 50257
@@ -80,12 +81,10 @@ class ModelConfig:
                 setattr(self, name, value)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0:
+            self.head_dim = self.hidden_size // self.num_heads
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size, self.activation)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -107,10 +106,12 @@ class ModelConfig:
         _require(self.hidden_size >= 1, "model.hidden_size", "must be >= 1")
         _require(self.num_heads >= 1, "model.num_heads", "must be >= 1")
         _require(
-            self.hidden_size % self.num_heads == 0,
+            self.head_dim is not None,
             "model.hidden_size",
-            f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}",
+            f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads} "
+            "(or set model.head_dim)",
         )
+        _require(self.head_dim >= 1, "model.head_dim", "must be >= 1")
         _require(
             1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
             "model.num_kv_heads",
@@ -119,7 +120,7 @@ class ModelConfig:
         _require(
             self.position_embedding != "rope" or self.head_dim % 2 == 0,
             "model.hidden_size",
-            "RoPE needs an even head dimension (hidden_size / num_heads)",
+            "RoPE needs an even head dimension (model.head_dim, default hidden_size / num_heads)",
         )
         _require(self.seq_len >= 1, "model.seq_len", "must be >= 1")
         _require(self.vocab_size >= 1, "model.vocab_size", "must be >= 1")

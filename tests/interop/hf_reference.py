@@ -45,6 +45,14 @@ SHAPES: dict[str, tuple[dict, dict]] = {
              ffn_hidden_size=64, vocab_size=128, seq_len=64, norm_eps=1e-6,
              tie_embeddings=True),
     ),
+    # head_dim (24) that is not hidden/heads (32/2): what structured head pruning writes
+    "llama-head-dim": (
+        dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=24, intermediate_size=40, vocab_size=96,
+             max_position_embeddings=64),
+        dict(arch="llama", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+             head_dim=24, ffn_hidden_size=40, vocab_size=96, seq_len=64, norm_eps=1e-6),
+    ),
     # plain multi-head Llama, vocab needing padding
     "llama-mha": (
         dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

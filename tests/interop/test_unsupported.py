@@ -28,7 +28,6 @@ LLAMA_FIELDS = [
     ("attention_bias", True),
     ("mlp_bias", True),
     ("sliding_window", 4096),
-    ("head_dim", 32),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}),
     ("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0,

@@ -165,6 +165,8 @@ def _reshape(model: ModelConfig, args: argparse.Namespace) -> ModelConfig:
         return model
     if "hidden_size" in changes and "ffn_hidden_size" not in changes:
         changes["ffn_hidden_size"] = None
+    if "hidden_size" in changes or "num_heads" in changes:
+        changes["head_dim"] = None
     if ("num_heads" in changes and "num_kv_heads" not in changes
             and model.num_kv_heads == model.num_heads):  # plain multi-head attention stays so
         changes["num_kv_heads"] = None

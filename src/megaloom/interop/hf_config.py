@@ -3,7 +3,7 @@
 Owns the field mapping and the refusal of everything megaloom cannot represent exactly: an
 unknown architecture or a config field whose value changes the computation (rope scaling,
 sliding windows, biases where the flavour has none, other activations, GPT-2's attention
-scaling variants, cross-attention, a head_dim that is not hidden/heads) raises
+scaling variants, cross-attention) raises
 `UnsupportedModelError` naming the field, so a conversion never yields a silently wrong model.
 Dropout is the one training-only knob: megaloom has a single rate, so differing HF rates are
 reported and the largest is used.
@@ -137,17 +137,13 @@ def _gpt2_fields(hf: dict[str, Any], source: str) -> ModelConfig:
 
 def _llama_fields(hf: dict[str, Any], source: str) -> ModelConfig:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        raise UnsupportedModelError(
-            f"{source}: unsupported head_dim={head_dim} (megaloom needs head_dim = hidden_size / "
-            f"num_attention_heads = {hidden / heads:g})")
     return ModelConfig(
         arch="llama",
         num_layers=hf["num_hidden_layers"],
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim"),
         ffn_hidden_size=hf["intermediate_size"],
         seq_len=hf.get("max_position_embeddings", 2048),
         vocab_size=hf["vocab_size"],
@@ -222,6 +218,11 @@ def hf_config_from_model(
             raise UnsupportedModelError(
                 f"model.num_kv_heads={config.num_kv_heads} cannot be written as a Hugging Face "
                 f"gpt2 model (it has no grouped-query attention; use arch=llama)")
+        if config.num_heads * config.head_dim != config.hidden_size:
+            raise UnsupportedModelError(
+                f"model.head_dim={config.head_dim} x model.num_heads={config.num_heads} != "
+                f"model.hidden_size={config.hidden_size} cannot be written as a Hugging Face gpt2 "
+                f"model (its attention width is n_embd)")
         return _with_labels(config, labels, dict(
             architectures=["GPT2LMHeadModel"],
             model_type="gpt2",
