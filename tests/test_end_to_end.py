@@ -96,3 +96,21 @@ def test_corrupted_checkpoint_stops_resume_and_keeps_files(prepared, tmp_path, c
     assert "corrupted" in capsys.readouterr().err
     assert weights.read_bytes() == damaged  # nothing overwritten
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000003"]
+
+
+def test_distil_a_smaller_student_through_the_cli(prepared, tmp_path, capsys):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    assert main(train_args(prepared, teacher)) == 0
+    capsys.readouterr()
+    assert main(train_args(prepared, tmp_path / "bad", "task.name=distill")) == 2
+    assert "task.distill.teacher: is required" in capsys.readouterr().err
+    assert main(train_args(prepared, student, "model.num_layers=1", "task.name=distill",
+                           f"task.distill.teacher={teacher}",
+                           "task.distill.temperature=2")) == 0
+    metrics = read_metrics(student / "metrics.jsonl")
+    assert len(metrics) == 6 and metrics[-1]["loss"] < metrics[0]["loss"]
+    from megaloom.loading import load_model
+
+    model, config, _ = load_model(student)
+    assert config.model.num_layers == 1 and config.task.distill.temperature == 2.0
+    assert main(["generate", str(student), "The loom", "--max-tokens", "4", "--greedy"]) == 0

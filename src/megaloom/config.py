@@ -309,8 +309,26 @@ class LoraConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`task.name=distill` in `megaloom train`): the loss per token is
+    `temperature`^2 x KL(teacher || student) over the vocabulary at that temperature (Hinton
+    et al. 2015), plus `hard_weight` x the next-token cross-entropy on the data. `teacher` is
+    a megaloom run or checkpoint, or `hf:DIR`, with the student's vocabulary."""
+
+    teacher: str | None = None
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.temperature > 0, "task.distill.temperature", "must be > 0")
+        _require(self.hard_weight >= 0, "task.distill.hard_weight", "must be >= 0")
+        _require_finite(self, "task.distill")
+
+
+@dataclass
 class TaskConfig:
-    """What the trainer optimises. `lm`: next-token pretraining on `data.prefixes`. `sft`:
+    """What the trainer optimises. `lm`: next-token pretraining on `data.prefixes`.
+    `distill`: the same data, learning the `distill.teacher`'s distributions. `sft`:
     supervised fine-tuning on JSONL `prompt_field`/`response_field` pairs or chat
     `messages_field` lists (loss on the response and its end token only). `classify`: a
     sequence classifier on JSONL `text_field`/`label_field` (`labels` is filled from the
@@ -324,7 +342,7 @@ class TaskConfig:
     prompt loses its start) or are an error (`reject`). `epochs` sets `train.max_steps`.
     """
 
-    name: Literal["lm", "sft", "classify"] = "lm"
+    name: Literal["lm", "distill", "sft", "classify"] = "lm"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -339,9 +357,14 @@ class TaskConfig:
     eval_samples: int = 8
     max_new_tokens: int = 64
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         self.lora.validate()
+        self.distill.validate()
+        _require(self.name != "distill" or self.distill.teacher is not None,
+                 "task.distill.teacher", "is required with task.name=distill (a run, "
+                 "checkpoint or hf:DIR)")
         _require(self.epochs is None or self.epochs > 0, "task.epochs", "must be > 0")
         _require(self.eval_samples >= 0, "task.eval_samples", "must be >= 0")
         _require(self.max_new_tokens >= 1, "task.max_new_tokens", "must be >= 1")

@@ -31,3 +31,19 @@ def spawn(fn, world: int, *args) -> None:
         init_file = os.path.join(tmp, "rendezvous")
         mp.spawn(_worker, args=(world, init_file, fn, args), nprocs=world,
                  join=True)
+
+
+def assert_same_curves(expected_file, got_file, steps: int) -> None:
+    """Two runs' `metrics.jsonl` hold steps 1..`steps` with equal losses, validation losses
+    and gradient norms (fp32 reduction-order noise only)."""
+    from megaloom.train.metrics import read_metrics
+
+    expected, got = read_metrics(expected_file), read_metrics(got_file)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, steps + 1))
+    for want, have in zip(expected, got, strict=True):
+        for key in ("loss", "val_loss", "grad_norm"):
+            assert (key in want) == (key in have), f"step {want['step']} {key}"
+            if key in want:
+                torch.testing.assert_close(
+                    have[key], want[key], rtol=2e-5, atol=0,
+                    msg=f"step {want['step']} {key}: {have[key]} vs {want[key]}")

@@ -1,4 +1,5 @@
-"""Vocab-parallel cross-entropy against the plain loss (padding columns included), the dropout
+"""Vocab-parallel cross-entropy and distillation KL against the plain losses (padding columns
+included), the dropout
 RNG streams (identical where activations are replicated, different where sharded), and fp16
 overflow agreed by all ranks."""
 
@@ -10,7 +11,7 @@ from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model.gpt import GPT
 from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.layers import shard_tensor
-from megaloom.parallel.loss import vocab_parallel_cross_entropy
+from megaloom.parallel.loss import vocab_parallel_cross_entropy, vocab_parallel_kl
 from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.random import TP_STREAM, seed_everything
 from megaloom.parallel.topology import Topology
@@ -38,6 +39,29 @@ def _cross_entropy(axis):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(local.grad, shard_tensor(full.grad, axis, -1), rtol=1e-12,
                                atol=1e-12)
+
+
+def _kl(axis, temperature=2.0):
+    gen = torch.Generator().manual_seed(4)
+    student, teacher = (torch.randn(2, 5, PADDED, generator=gen, dtype=torch.float64) * 3
+                        for _ in range(2))
+    student[..., VOCAB:], teacher[..., VOCAB:] = 40.0, -7.0  # padding never counts
+    upstream = torch.rand(2, 5, generator=gen, dtype=torch.float64)
+    full = student.clone().requires_grad_(True)
+    want = temperature**2 * F.kl_div(
+        F.log_softmax(full[..., :VOCAB] / temperature, -1),
+        F.log_softmax(teacher[..., :VOCAB] / temperature, -1), reduction="none",
+        log_target=True).sum(-1)
+    (want * upstream).sum().backward()
+    local = shard_tensor(student, axis, -1).requires_grad_(True)
+    got = vocab_parallel_kl(local, shard_tensor(teacher, axis, -1), axis, VOCAB, temperature)
+    (got * upstream).sum().backward()
+    assert want.min() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local.grad, shard_tensor(full.grad, axis, -1), rtol=1e-12,
+                               atol=1e-12)
+    same = vocab_parallel_kl(local.detach(), local.detach(), axis, VOCAB, temperature)
+    torch.testing.assert_close(same, torch.zeros_like(same), rtol=0, atol=1e-12)
 
 
 def _rng_streams(topo):
@@ -86,6 +110,7 @@ def _overflow_is_agreed(topo):
 def _worker(rank, world):
     topo = Topology.build(tp=world)
     _cross_entropy(topo.tp_axis)
+    _kl(topo.tp_axis)
     _rng_streams(topo)
     _dropout_keeps_replicas_equal(topo)
     _overflow_is_agreed(topo)
@@ -97,3 +122,4 @@ def test_vocab_parallel_loss_and_rng_streams_on_four_ranks():
 
 def test_vocab_parallel_loss_single_rank():
     _cross_entropy(Topology.build().tp_axis)
+    _kl(Topology.build().tp_axis)

@@ -97,11 +97,12 @@ class Prepared:
 
 
 def prepare_run(config: Config) -> Prepared:
-    """Pretraining: data (index caches built on first use), tokenizer and `model.init_from`."""
-    if config.task.name != "lm":
+    """Pretraining or distillation: data (index caches built on first use), tokenizer,
+    `model.init_from` and, for `task.name=distill`, the teacher."""
+    if config.task.name not in ("lm", "distill"):
         raise ConfigError(f"task.name={config.task.name!r}: megaloom train pretrains "
-                          "(task.name=lm); fine-tune with megaloom finetune --task "
-                          f"{config.task.name}")
+                          "(task.name=lm) or distils (task.name=distill); fine-tune with "
+                          f"megaloom finetune --task {config.task.name}")
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
     if config.model.init_from is None:
@@ -118,7 +119,14 @@ def prepare_run(config: Config) -> Prepared:
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )
-    return Prepared(source, train_ds, valid_ds)
+    if config.task.name == "lm":
+        return Prepared(source, train_ds, valid_ds)
+    from megaloom.tasks.distill import DistillTask
+
+    task = DistillTask(config.model, config.task.distill,
+                       config.parallel.sequence_parallel and config.parallel.tp > 1,
+                       config.train.precision)
+    return Prepared(source, train_ds, valid_ds, task, task.attach)
 
 
 def join_job(config: Config) -> Topology:
