@@ -9,13 +9,14 @@ import it back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
 from megaloom.checkpoint.reader import open_checkpoint
-from megaloom.config import Config
+from megaloom.config import Config, LoraConfig
 from megaloom.errors import MegaloomError
 from megaloom.model.gpt import GPT
 
@@ -33,9 +34,11 @@ def open_weights(spec: str | Path) -> tuple[Config, Path | None, object]:
         config, tokenizer = hf_model_config(text[3:])
         return config, (Path(tokenizer) if tokenizer else None), HFSource(text[3:],
                                                                           config.model)
+    from megaloom.compress.quantize import refuse_quantized
     from megaloom.finetune.lora import merged_source
 
     checkpoint = open_checkpoint(spec)
+    refuse_quantized(checkpoint.directory, "training, conversion or tensor-parallel loading")
     return checkpoint.config, checkpoint.tokenizer, merged_source(checkpoint, checkpoint.config)
 
 
@@ -52,9 +55,30 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu",
 
         model, config, tokenizer = load_hf_model(text[3:], device=device)
         return model.eval(), config, (Path(tokenizer) if tokenizer else None)
+    quantized = quantization_of(spec)
+    if quantized is not None:
+        from megaloom.compress.quantize import load_quantized_model
+
+        return load_quantized_model(*quantized, torch.device(device))
     config, tokenizer, source = open_weights(spec)
     topo = Topology.build(device=torch.device(device), virtual=(1, 0))
+    if config.task.lora.rank:  # the adapters are merged into the returned weights
+        config = dataclasses.replace(config, task=dataclasses.replace(config.task,
+                                                                      lora=LoraConfig()))
     return build_shard(config.model, topo, source).eval(), config, tokenizer
+
+
+def quantization_of(spec: str | Path):
+    """(directory, `QuantSpec`, quantised module names) when `spec` names a quantised
+    checkpoint (`megaloom quantize`), else None."""
+    if str(spec).startswith("hf:"):
+        return None
+    from megaloom.checkpoint.reader import resolve_checkpoint
+    from megaloom.compress.quantize import read_spec
+
+    directory = resolve_checkpoint(spec)
+    found = read_spec(directory)
+    return None if found is None else (directory, *found)
 
 
 def require_tokenizer(spec: str | Path, tokenizer_path: Path | None) -> Path:

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from greedy_check import assert_engine_greedy_matches_recompute
 from transformers import AutoModelForCausalLM
 
 from megaloom.cli import main
 from megaloom.compress.structured import Widths, prune_structured
 from megaloom.config import ModelConfig
-from megaloom.infer import Engine, Request, SamplingParams
 from megaloom.interop import UnsupportedModelError, export_hf
 from megaloom.loading import load_model
 from megaloom.model.gpt import GPT
@@ -106,14 +106,7 @@ def test_structured_checkpoint_generates_and_exports_with_parity(structured, tmp
     assert report["parameters"]["after"] == sum(p.numel() for p in model.parameters())
     assert report["parameters"]["ratio"] < 0.75
 
-    prompt = [5, 17, 99, 3]
-    [out] = Engine(model).generate([Request(prompt, SamplingParams(max_tokens=12,
-                                                                   temperature=0.0))])
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            ids.append(int(model(torch.tensor([ids]))[0, -1, :shape.vocab_size].argmax()))
-    assert out.completions[0].token_ids == ids[len(prompt):]
+    assert_engine_greedy_matches_recompute(model, shape.vocab_size, [5, 17, 99, 3], 12)
 
     assert main(["convert", "megaloom-to-hf", str(structured), str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -58,11 +58,15 @@ def write_side_files(directory: Path, config: Config, tokenizer_path: str | Path
 
 
 def save_model_files(directory: str | Path, model: nn.Module, config: Config,
-                     tokenizer_path: str | Path | None = None) -> Path:
-    """Atomically write a weights-only checkpoint that `megaloom.loading.load_model` reads."""
+                     tokenizer_path: str | Path | None = None,
+                     side_files: dict[str, str] | None = None) -> Path:
+    """Atomically write a weights-only checkpoint that `megaloom.loading.load_model` reads,
+    with `side_files` (name: text) beside the weights, in the manifest."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         write_model_files(tmp, model, config, tokenizer_path)
+        for name, text in (side_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         write_manifest(tmp)
     return directory
 

@@ -59,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if str(args.checkpoint).startswith("hf:"):
             weights, config, tokenizer_path = load_model(args.checkpoint)
         else:  # streamed: one tensor read and converted at a time
+            from megaloom.compress.quantize import refuse_quantized
+
             checkpoint = open_checkpoint(args.checkpoint)
+            refuse_quantized(checkpoint.directory, "export to Hugging Face")
             weights, config = LazyState(checkpoint), checkpoint.config
             tokenizer_path = checkpoint.tokenizer
         out = export_hf(weights, config, args.out, tokenizer_path=tokenizer_path,

@@ -1,0 +1,235 @@
+"""Weight quantisation for CPU inference (`megaloom quantize`): int8 per output channel and
+int4 per group, symmetric, each run by a real low-precision PyTorch kernel.
+
+- **int8**: weights `round(W / s)` with `s = max|W_row| / 127`, run by fbgemm's dynamic
+  quantised linear (`quantized::linear_dynamic`: int8 weights, activations quantised to
+  8 bits per call from their own range, int32 accumulation). Measured against the weight-only
+  kernels on this project's CPUs (`benchmarks/quantize_kernels.py`): `_weight_int8pack_mm`
+  and torchao's int8 weight-only layouts run slower than fp32 there, fbgemm several times
+  faster, so int8 uses fbgemm.
+- **int4**: weights `round(W / s) + 8` in [0, 15] with `s = max|W_group| / 7` per group of
+  `group_size` inputs, run by `_weight_int4pack_mm_for_cpu` (bf16 activations).
+
+The stored form is the kernel-independent one: `NAME.qweight` (int8, or uint8 holding two
+4-bit values per byte) and `NAME.scales` (float32) beside the unquantised tensors in an
+ordinary weights-only checkpoint, described by `quantization.json`; kernels' packed layouts
+are built at load time. Embeddings, norms, biases and the output head stay in float.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megaloom.config import PROJECTIONS
+from megaloom.errors import CheckpointError, MegaloomError
+
+QUANT_FILE = "quantization.json"
+SCHEMES = {8: "int8 per output channel, fbgemm dynamic linear",
+           4: "int4 per group, _weight_int4pack_mm_for_cpu"}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantise: `bits` (8 or 4), `group_size` (inputs per int4 scale; int8 uses one
+    scale per output channel), and the projection kinds left in float (`skip`)."""
+
+    bits: int
+    group_size: int | None = None
+    skip: tuple[str, ...] = ()
+
+    @classmethod
+    def checked(cls, bits: int, group_size: int | None, skip: list[str]) -> QuantSpec:
+        if bits not in SCHEMES:
+            raise MegaloomError(f"--bits must be 8 or 4, got {bits}")
+        if bits == 8 and group_size is not None:
+            raise MegaloomError("--group-size is for --bits 4 (int8 keeps one scale per "
+                                "output channel)")
+        if bits == 4:
+            group_size = 128 if group_size is None else group_size
+            if group_size not in (32, 64, 128, 256):
+                raise MegaloomError(f"--group-size must be 32, 64, 128 or 256 (the int4 "
+                                    f"kernel's groups), got {group_size}")
+        unknown = sorted(set(skip) - set(PROJECTIONS))
+        if unknown:
+            raise MegaloomError(f"--skip: unknown projection {', '.join(unknown)} (choose from "
+                                f"{', '.join(PROJECTIONS)}; the output head is never "
+                                "quantised)")
+        return cls(bits, group_size, tuple(skip))
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scale per output row) with `weight ~= values * scale[:, None]`."""
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    return torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 values in [0, 15], float32 scales (out, in / group)) with
+    `weight ~= (values - 8) * scale` of each value's group."""
+    weight = weight.detach().float()
+    rows, cols = weight.shape
+    groups = weight.view(rows, cols // group_size, group_size)
+    scales = (groups.abs().amax(dim=-1) / 7).clamp_min(1e-12)
+    values = torch.round(groups / scales[..., None]).clamp_(-8, 7) + 8
+    return values.to(torch.uint8).view(rows, cols), scales
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit values per byte: (rows, cols) -> (rows, cols / 2), even columns low."""
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+class Int8Linear(nn.Module):
+    """`x @ (q * s)^T + b` through fbgemm's dynamic int8 linear."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        with warnings.catch_warnings():  # quantized tensors: deprecated, still fbgemm's input
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+            quantized = torch._make_per_channel_quantized_tensor(
+                qweight, scales.double(), torch.zeros(self.out_features, dtype=torch.int64), 0)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, True).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+
+class Int4Linear(nn.Module):
+    """`x @ ((q - 8) * s)^T + b` through `_weight_int4pack_mm_for_cpu` in bf16."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.float())
+        values = unpack_nibbles(qweight).to(torch.int32)
+        self._packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
+        # the kernel computes (q - 8) * scale + zero per group; zero = 0 (symmetric)
+        self._scales_zeros = torch.stack(
+            [scales.t(), torch.zeros_like(scales.t())], dim=-1).to(torch.bfloat16).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self._packed, self.group_size,
+                                                self._scales_zeros).view(*shape[:-1], -1)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        values = unpack_nibbles(self.qweight).float() - 8
+        groups = values.view(self.out_features, -1, self.group_size)
+        return (groups * self.scales[..., None]).view(self.out_features, self.in_features)
+
+
+def projections(model: nn.Module, spec: QuantSpec) -> Iterator[tuple[str, nn.Module, str]]:
+    """(parent module name, parent, attribute) of every linear projection `spec` quantises."""
+    for name, module in model.named_modules():
+        for kind in PROJECTIONS:
+            weight = getattr(getattr(module, kind, None), "weight", None)
+            if kind not in spec.skip and isinstance(weight, nn.Parameter) and weight.ndim == 2:
+                yield name, module, kind
+
+
+def quantized_linear(linear: nn.Module, spec: QuantSpec) -> nn.Module:
+    """The quantised replacement of a linear layer (plain or a one-rank parallel one)."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    if spec.bits == 8:
+        return Int8Linear(*quantize_int8(linear.weight), bias)
+    if linear.weight.shape[1] % spec.group_size:
+        raise MegaloomError(f"--group-size {spec.group_size} does not divide the input width "
+                            f"{linear.weight.shape[1]} of a projection")
+    values, scales = quantize_int4(linear.weight, spec.group_size)
+    return Int4Linear(pack_nibbles(values), scales, bias, spec.group_size)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> dict:
+    """Replace `model`'s projections by quantised ones, in place; return the report."""
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise MegaloomError("the model is already quantised; quantise its float checkpoint")
+    names = []
+    for name, parent, kind in list(projections(model, spec)):
+        setattr(parent, kind, quantized_linear(getattr(parent, kind), spec))
+        names.append(f"{name}.{kind}")
+    if not names:
+        raise MegaloomError("nothing to quantise: every projection kind is in --skip")
+    return {"bits": spec.bits, "group_size": spec.group_size, "scheme": SCHEMES[spec.bits],
+            "skip": list(spec.skip), "quantized": names}
+
+
+def read_spec(directory: Path) -> tuple[QuantSpec, list[str]] | None:
+    """The `QuantSpec` and module names of a quantised checkpoint directory (None: not one)."""
+    from megaloom.checkpoint.files import read_json_object
+
+    path = directory / QUANT_FILE
+    if not path.is_file():
+        return None
+    data = read_json_object(path)
+    try:
+        spec = QuantSpec.checked(data["bits"], data.get("group_size"), data.get("skip", []))
+        return spec, [str(name) for name in data["quantized"]]
+    except (KeyError, TypeError, MegaloomError) as exc:
+        raise MegaloomError(f"{path}: not a valid quantisation description ({exc})") from exc
+
+
+def refuse_quantized(directory: Path, use: str) -> None:
+    """An error when `directory` holds a quantised checkpoint, which only inference reads."""
+    if (directory / QUANT_FILE).is_file():
+        raise MegaloomError(f"{directory} is a quantised checkpoint ({QUANT_FILE}): it is "
+                            f"for one-process inference (generate, serve, evaluate), not for "
+                            f"{use}; use the float checkpoint it was made from")
+
+
+def load_quantized_model(directory: Path, spec: QuantSpec, names: list[str],
+                         device: torch.device):
+    """The model of a quantised checkpoint: built on `meta`, the stored quantised projections
+    installed, the float tensors (embeddings, norms, head) read from the checkpoint."""
+    from megaloom.checkpoint.reader import open_checkpoint
+    from megaloom.model.gpt import GPT
+    from megaloom.parallel.build import materialize
+    from megaloom.parallel.topology import Topology
+
+    if device.type != "cpu":
+        raise MegaloomError(f"{directory}: quantised models run on the CPU kernels only "
+                            f"(asked for {device}); use the float checkpoint on a GPU")
+    checkpoint = open_checkpoint(directory)
+    config = checkpoint.config
+    with torch.device("meta"):
+        model = GPT(config.model)
+    for name in names:
+        parent_name, _, kind = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            qweight, scales = (checkpoint.store.read(f"{name}.{part}")
+                               for part in ("qweight", "scales"))
+            bias = (checkpoint.store.read(f"{name}.bias")
+                    if getattr(parent, kind).bias is not None else None)
+        except (AttributeError, CheckpointError) as exc:
+            raise MegaloomError(f"{directory}: quantised projection {name} is missing or does "
+                                f"not fit the model ({exc})") from exc
+        setattr(parent, kind, Int8Linear(qweight, scales, bias) if spec.bits == 8
+                else Int4Linear(qweight, scales, bias, spec.group_size))
+    topo = Topology.build(device=device, virtual=(1, 0))
+    return materialize(model, topo, checkpoint).eval(), config, checkpoint.tokenizer
