@@ -38,7 +38,7 @@ def open_weights(spec: str | Path) -> tuple[Config, Path | None, object]:
     from megaloom.finetune.lora import merged_source
 
     checkpoint = open_checkpoint(spec)
-    refuse_quantized(checkpoint.directory, "training, conversion or tensor-parallel loading")
+    refuse_quantized(checkpoint.directory, "training or conversion")
     return checkpoint.config, checkpoint.tokenizer, merged_source(checkpoint, checkpoint.config)
 
 
@@ -55,13 +55,13 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu",
 
         model, config, tokenizer = load_hf_model(text[3:], device=device)
         return model.eval(), config, (Path(tokenizer) if tokenizer else None)
+    topo = Topology.build(device=torch.device(device), virtual=(1, 0))
     quantized = quantization_of(spec)
     if quantized is not None:
-        from megaloom.compress.quantize import load_quantized_model
+        from megaloom.compress.quantize import load_quantized_shard
 
-        return load_quantized_model(*quantized, torch.device(device))
+        return load_quantized_shard(*quantized, topo)
     config, tokenizer, source = open_weights(spec)
-    topo = Topology.build(device=torch.device(device), virtual=(1, 0))
     if config.task.lora.rank:  # the adapters are merged into the returned weights
         config = dataclasses.replace(config, task=dataclasses.replace(config.task,
                                                                       lora=LoraConfig()))

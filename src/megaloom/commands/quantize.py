@@ -4,8 +4,8 @@ weight quantisation for CPU inference (`megaloom.compress.quantize`).
 MODEL is a run, a checkpoint or `hf:DIR`. DIR becomes a weights-only checkpoint whose
 projections are stored quantised (`NAME.qweight`, `NAME.scales`) and described by
 `quantization.json` (written atomically with the weights); `generate`, `serve` and
-`evaluate` load it in one process on the CPU. Training from it, converting it and
-tensor-parallel loading are refused with that reason (use the float checkpoint).
+`evaluate` load it on the CPU, whole or tensor-parallel (each rank reading its own shard).
+Training from it and converting it are refused with that reason (use the float checkpoint).
 """
 
 from __future__ import annotations

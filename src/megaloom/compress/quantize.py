@@ -202,34 +202,84 @@ def refuse_quantized(directory: Path, use: str) -> None:
                             f"{use}; use the float checkpoint it was made from")
 
 
-def load_quantized_model(directory: Path, spec: QuantSpec, names: list[str],
-                         device: torch.device):
-    """The model of a quantised checkpoint: built on `meta`, the stored quantised projections
-    installed, the float tensors (embeddings, norms, head) read from the checkpoint."""
+class QuantizedParallelLinear(nn.Module):
+    """A tensor-parallel projection whose local matmul is a quantised kernel: column-parallel
+    (output rows split, input replicated) or row-parallel (input columns split, partial
+    outputs all-reduced, then the replicated bias). With one rank both are the plain layer.
+    Under tp, row-parallel int8 layers quantise each rank's activation slice from its own
+    range, so their outputs differ from one process's within that activation step."""
+
+    def __init__(self, kernel: nn.Module, bias: torch.Tensor | None, axis, row: bool):
+        super().__init__()
+        self.kernel, self.axis, self.row = kernel, axis, row
+        self.in_features, self.out_features = kernel.in_features, kernel.out_features  # local
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megaloom.parallel.mappings import copy_to, reduce_from
+
+        y = self.kernel(x if self.row else copy_to(x, self.axis))
+        if self.row:
+            y = reduce_from(y, self.axis)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def read_quantized(store, name: str, layer: nn.Module, spec: QuantSpec, axis
+                   ) -> QuantizedParallelLinear:
+    """This rank's shard of the stored quantised projection `name`, for the (meta)
+    tensor-parallel `layer` it replaces: only its rows (column-parallel) or input columns
+    (row-parallel) of the integers and scales are read."""
+    from megaloom.parallel.layers import RowParallelLinear, shard_box
+
+    row = isinstance(layer, RowParallelLinear)
+    _, ((r0, r1), (c0, c1)) = shard_box(layer.weight, axis)
+    if (r1 - r0, c1 - c0) != tuple(layer.weight.shape):
+        raise MegaloomError(f"{name}: its {tuple(layer.weight.shape)} shard does not split "
+                            f"evenly over {axis.size} tensor-parallel ranks")
+    if spec.bits == 8:
+        kernel = Int8Linear(store.read(f"{name}.qweight", ((r0, r1), (c0, c1))),
+                            store.read(f"{name}.scales", ((r0, r1),)), None)
+    else:
+        group = spec.group_size
+        if c0 % group or c1 % group:
+            raise MegaloomError(f"{name}: each rank's {c1 - c0} input columns must be whole "
+                                f"groups of {group} (quantise with a smaller --group-size, "
+                                "or use fewer ranks)")
+        kernel = Int4Linear(store.read(f"{name}.qweight", ((r0, r1), (c0 // 2, c1 // 2))),
+                            store.read(f"{name}.scales", ((r0, r1), (c0 // group, c1 // group))),
+                            None, group)
+    bias = None
+    if layer.bias is not None:
+        bias = store.read(f"{name}.bias", None if row else ((r0, r1),))
+    return QuantizedParallelLinear(kernel, bias, axis, row)
+
+
+def load_quantized_shard(directory: Path, spec: QuantSpec, names: list[str], topo):
+    """This rank's shard of a quantised checkpoint on `topo` (one process: the whole model):
+    built on `meta` and split as for training, each stored projection's shard read into a
+    quantised kernel, then the float tensors (embeddings, norms, head) read as their boxes.
+    Returns (model, config, tokenizer path)."""
     from megaloom.checkpoint.reader import open_checkpoint
     from megaloom.model.gpt import GPT
     from megaloom.parallel.build import materialize
-    from megaloom.parallel.topology import Topology
+    from megaloom.parallel.parallelize import parallelize
 
-    if device.type != "cpu":
-        raise MegaloomError(f"{directory}: quantised models run on the CPU kernels only "
-                            f"(asked for {device}); use the float checkpoint on a GPU")
+    if topo.device.type != "cpu":
+        raise MegaloomError(f"{directory}: quantised models run on CPU kernels only (asked "
+                            f"for {topo.device}); use the float checkpoint on accelerators")
     checkpoint = open_checkpoint(directory)
     config = checkpoint.config
     with torch.device("meta"):
         model = GPT(config.model)
+    parallelize(model, topo)
     for name in names:
         parent_name, _, kind = name.rpartition(".")
         try:
             parent = model.get_submodule(parent_name)
-            qweight, scales = (checkpoint.store.read(f"{name}.{part}")
-                               for part in ("qweight", "scales"))
-            bias = (checkpoint.store.read(f"{name}.bias")
-                    if getattr(parent, kind).bias is not None else None)
+            layer = read_quantized(checkpoint.store, name, getattr(parent, kind), spec,
+                                   topo.tp_axis)
         except (AttributeError, CheckpointError) as exc:
             raise MegaloomError(f"{directory}: quantised projection {name} is missing or does "
                                 f"not fit the model ({exc})") from exc
-        setattr(parent, kind, Int8Linear(qweight, scales, bias) if spec.bits == 8
-                else Int4Linear(qweight, scales, bias, spec.group_size))
-    topo = Topology.build(device=device, virtual=(1, 0))
+        setattr(parent, kind, layer)
     return materialize(model, topo, checkpoint).eval(), config, checkpoint.tokenizer
