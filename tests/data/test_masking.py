@@ -98,7 +98,7 @@ def test_span_corruption_density_span_mean_and_recovery():
         inputs, targets = corrupt_spans(tokens, sample_rng(3, index), sentinels)
         assert len(inputs) == 512 - mask.sum() + len(starts)
         assert len(targets) == mask.sum() + len(starts)
-        restored = []  # every sentinel in the input gives back the span the target holds
+        restored: list[int] = []  # each sentinel in the input gives back its span
         pieces = {}
         current = None
         for token in targets.tolist():
@@ -108,7 +108,7 @@ def test_span_corruption_density_span_mean_and_recovery():
             else:
                 pieces[current].append(token)
         for token in inputs.tolist():
-            restored += pieces[token] if token in pieces else [token]
+            restored += pieces.get(token, [token])
         assert restored == tokens.tolist()
         assert [t for t in inputs.tolist() if t in sentinels] == sentinels[:len(starts)]
     assert abs(np.mean(spans) - 3.0) < 0.15 and np.mean(noise_fraction) == round(0.15 * 512) / 512
