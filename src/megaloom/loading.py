@@ -46,7 +46,6 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu",
                ) -> tuple[GPT, Config, Path | None]:
     """The whole model of `spec` in one process, for inference or export.
     Returns (model in eval mode, config, tokenizer path)."""
-    from megaloom.parallel.build import build_shard
     from megaloom.parallel.topology import Topology
 
     text = str(spec)
@@ -55,17 +54,31 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu",
 
         model, config, tokenizer = load_hf_model(text[3:], device=device)
         return model.eval(), config, (Path(tokenizer) if tokenizer else None)
-    topo = Topology.build(device=torch.device(device), virtual=(1, 0))
+    model, config, tokenizer = load_shard(spec, Topology.build(device=torch.device(device),
+                                                                virtual=(1, 0)))
+    return model.eval(), config, tokenizer
+
+
+def load_shard(spec: str | Path, topo, dropout_seed: int | None = None):
+    """This rank's shard on `topo` of the weights of `spec`, float or quantised (`megaloom
+    quantize`), each rank reading only its boxes; a tp model with dropout gets its RNG
+    streams seeded by `dropout_seed`. Returns (model, config, tokenizer path); the config of
+    a LoRA run describes the merged weights returned."""
+    from megaloom.parallel.build import build_shard
+    from megaloom.parallel.random import seed_everything
+
     quantized = quantization_of(spec)
     if quantized is not None:
         from megaloom.compress.quantize import load_quantized_shard
 
         return load_quantized_shard(*quantized, topo)
     config, tokenizer, source = open_weights(spec)
-    if config.task.lora.rank:  # the adapters are merged into the returned weights
+    if config.task.lora.rank:
         config = dataclasses.replace(config, task=dataclasses.replace(config.task,
                                                                       lora=LoraConfig()))
-    return build_shard(config.model, topo, source).eval(), config, tokenizer
+    tracker = (seed_everything(dropout_seed, topo) if dropout_seed is not None
+               and config.model.dropout > 0 and topo.tp > 1 else None)
+    return build_shard(config.model, topo, source, tracker=tracker), config, tokenizer
 
 
 def quantization_of(spec: str | Path):

@@ -198,7 +198,7 @@ def refuse_quantized(directory: Path, use: str) -> None:
     """An error when `directory` holds a quantised checkpoint, which only inference reads."""
     if (directory / QUANT_FILE).is_file():
         raise MegaloomError(f"{directory} is a quantised checkpoint ({QUANT_FILE}): it is "
-                            f"for one-process inference (generate, serve, evaluate), not for "
+                            f"for inference (generate, serve, evaluate), not for "
                             f"{use}; use the float checkpoint it was made from")
 
 

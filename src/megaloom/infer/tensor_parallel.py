@@ -30,8 +30,6 @@ from megaloom.config import Config
 from megaloom.errors import MegaloomError
 from megaloom.infer.engine import Engine, Event, Request, RequestHandle
 from megaloom.model.gpt import GPT
-from megaloom.parallel.build import build_shard
-from megaloom.parallel.random import seed_everything
 from megaloom.parallel.topology import Axis, Topology, init_distributed
 from megaloom.utils.launch import Launch
 
@@ -65,24 +63,15 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
     megaloom checkpoint.
 
     Returns (model, config, tokenizer path, topology)."""
-    from megaloom.loading import open_weights, quantization_of
+    from megaloom.loading import load_shard
 
     if device is not None:
         device = Launch.from_environment().device(device)
     init_distributed(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     topo = Topology.build(tp=world, pp=1, device=device)
-    quantized = quantization_of(spec)
     try:
-        if quantized is not None:
-            from megaloom.compress.quantize import load_quantized_shard
-
-            model, config, tokenizer = load_quantized_shard(*quantized, topo)
-        else:
-            config, tokenizer, source = open_weights(spec)
-            tracker = (seed_everything(0, topo) if config.model.dropout > 0 and world > 1
-                       else None)
-            model = build_shard(config.model, topo, source, tracker=tracker)
+        model, config, tokenizer = load_shard(spec, topo, dropout_seed=0)
     except ValueError as exc:
         raise MegaloomError(f"cannot split {spec} over {world} tensor-parallel ranks: "
                             f"{exc}") from None

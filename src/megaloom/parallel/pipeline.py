@@ -77,7 +77,7 @@ class _P2P:
         return received.get("prev"), received.get("next")
 
 
-def _stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
+def stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
     """One stage's forward of a micro-batch: the batch's own `positions` and `attn_mask` when
     its task gives them (packed samples), else 0.. seq-1 and plain causal attention."""
     positions = batch.get("positions")
@@ -105,7 +105,7 @@ def forward_only(
     for batch in micro_batches:
         received, _ = p2p.exchange(recv_prev=not topo.is_first_stage)
         with forward_context():
-            output = _stage_forward(model, batch["tokens"] if received is None else received,
+            output = stage_forward(model, batch["tokens"] if received is None else received,
                                     batch)
         if topo.is_last_stage:
             total += loss_fn(output, batch).double()
@@ -139,7 +139,7 @@ def forward_backward(
         batch = micro_batches[index]
         inputs = batch["tokens"] if first else received.requires_grad_()
         with forward_context():
-            output = _stage_forward(model, inputs, batch)
+            output = stage_forward(model, inputs, batch)
         if last:
             output = loss_fn(output, batch)
             total += output.detach().double()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaloom.parallel.pipeline import _stage_forward, chunk_layers
+from megaloom.parallel.pipeline import chunk_layers, stage_forward
 from megaloom.parallel.topology import Topology
 
 
@@ -130,7 +130,7 @@ def interleaved_forward_backward(
             inputs = (data["tokens"] if chunk_id == 0
                       else receive(p2p.prev, tag(mb, chunk_id, False)).requires_grad_())
             with forward_context():
-                output = _stage_forward(views[c], inputs, data)
+                output = stage_forward(views[c], inputs, data)
             if chunk_id == chunks - 1:
                 output = loss_fn(output, data)
                 total += output.detach().double()
@@ -171,7 +171,7 @@ def interleaved_forward_only(
             inputs = (data["tokens"] if chunk_id == 0
                       else p2p.receive(p2p.prev, p2p.tag(mb, chunk_id, False)))
             with forward_context():
-                output = _stage_forward(view, inputs, data)
+                output = stage_forward(view, inputs, data)
             if chunk_id == p2p.chunks - 1:
                 total += loss_fn(output, data).double()
             else:

@@ -18,6 +18,7 @@ from megaloom.config import ConfigError, DistillConfig, ModelConfig
 from megaloom.loading import open_weights
 from megaloom.parallel.build import build_shard
 from megaloom.parallel.loss import vocab_parallel_kl
+from megaloom.parallel.pipeline import stage_forward
 from megaloom.parallel.topology import Axis, Topology
 from megaloom.tasks.lm import LanguageModelTask
 from megaloom.train.precision import autocast_context
@@ -62,9 +63,8 @@ class DistillTask:
     def loss_sum(self, output: torch.Tensor, batch: dict[str, torch.Tensor],
                  axis: Axis) -> torch.Tensor:
         tokens = batch["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
         with torch.no_grad(), autocast_context(self.precision, tokens.device):
-            teacher = self.teacher(tokens, positions=positions)
+            teacher = stage_forward(self.teacher, tokens, batch)
         losses = vocab_parallel_kl(output, teacher, axis, self.lm.vocab_size,
                                    self.cfg.temperature)
         loss = (losses * batch["loss_mask"]).sum()
