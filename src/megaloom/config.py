@@ -38,22 +38,36 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         bias=False,
         tie_embeddings=False,
     ),
+    "bert": dict(
+        position_embedding="learned",
+        norm="layernorm",
+        activation="gelu",
+        bias=True,
+        tie_embeddings=True,
+        norm_position="post",
+        causal=False,
+    ),
 }
+FLAVOUR_DEFAULTS: dict[str, Any] = {"norm_position": "pre", "causal": True}
 
 
 @dataclass
 class ModelConfig:
-    """Shape and flavour of a GPT decoder.
+    """Shape and flavour of a model: a GPT decoder or a BERT encoder.
 
-    `arch` fills every flavour field left as None: `gpt2` (learned positions, LayerNorm, GELU,
-    biases, tied embeddings) or `llama` (RoPE, RMSNorm, SwiGLU, no biases, untied).
+    `arch` picks the family (`megaloom.model.registry`) and fills every flavour field left as
+    None: `gpt2` (learned positions, LayerNorm, GELU, biases, tied embeddings), `llama` (RoPE,
+    RMSNorm, SwiGLU, no biases, untied) or `bert` (a bidirectional encoder: learned positions
+    and `type_vocab_size` token types, LayerNorm after each residual add (`norm_position:
+    post`, Hugging Face `BertForMaskedLM`; `pre` is Megatron's BERT), erf GELU, tied LM head).
+    `binary_head` adds BERT's sentence-order head on the pooled first token.
     `num_labels` > 0 makes a sequence classifier: the head maps the hidden state to that many
     label scores (never tied to the embedding) instead of to the vocabulary.
     `init_from` starts training from existing weights (a megaloom checkpoint or `hf:DIR`); the
     shape then comes from that checkpoint and only `dropout` is taken from this config.
     """
 
-    arch: Literal["gpt2", "llama"] = "gpt2"
+    arch: Literal["gpt2", "llama", "bert"] = "gpt2"
     num_layers: int = 4
     hidden_size: int = 256
     num_heads: int = 4
@@ -72,13 +86,19 @@ class ModelConfig:
     activation: Literal["gelu_tanh", "gelu", "swiglu"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
+    norm_position: Literal["pre", "post"] | None = None
+    causal: bool | None = None
+    type_vocab_size: int = 0  # token types (BERT segments); 0: none
+    binary_head: bool = False
     num_labels: int = 0
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        for name, value in ARCH_DEFAULTS[self.arch].items():
+        for name, value in {**FLAVOUR_DEFAULTS, **ARCH_DEFAULTS[self.arch]}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.arch == "bert" and not self.type_vocab_size:
+            self.type_vocab_size = 2
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0:
@@ -132,6 +152,20 @@ class ModelConfig:
         _require(self.ffn_hidden_size >= 1, "model.ffn_hidden_size", "must be >= 1")
         _require(self.init_std > 0, "model.init_std", "must be > 0")
         _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+        _require(self.type_vocab_size >= 0, "model.type_vocab_size", "must be >= 0")
+        encoder = self.arch == "bert"
+        _require(not (encoder and self.causal), "model.causal", "a BERT encoder attends both "
+                 "ways; model.causal=true is only for decoders (model.arch=gpt2 or llama)")
+        _require(encoder or self.causal, "model.causal", f"model.arch={self.arch} is a "
+                 "decoder and must be causal (a bidirectional encoder is model.arch=bert)")
+        _require(encoder or self.norm_position == "pre", "model.norm_position",
+                 f"model.arch={self.arch} puts norms before each sublayer ('pre'); "
+                 "'post' is for model.arch=bert")
+        _require(encoder or not (self.type_vocab_size or self.binary_head),
+                 "model.type_vocab_size" if self.type_vocab_size else "model.binary_head",
+                 "token types and the sentence-order head belong to model.arch=bert")
+        _require(not (self.binary_head and self.num_labels), "model.binary_head",
+                 "a classifier (model.num_labels > 0) has no sentence-order head")
         _require_finite(self, "model")
 
 

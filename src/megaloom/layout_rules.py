@@ -67,6 +67,11 @@ def layout_problems(model: ModelConfig, spec: LayoutSpec) -> list[tuple[str, str
     if spec.sequence_parallel and model.seq_len % tp:
         problems.append(("model.seq_len", f"model.seq_len={model.seq_len} is not divisible by "
                          f"parallel.tp={tp} (sequence parallelism)"))
+    pooled = model.binary_head or (model.arch == "bert" and model.num_labels)
+    if spec.sequence_parallel and tp > 1 and pooled:
+        problems.append(("parallel.sequence_parallel", "parallel.sequence_parallel is not "
+                         "supported with a pooled head (BERT's classifier or model.binary_head:"
+                         " the first token lives on one sequence shard); turn it off"))
     if model.num_layers < pp * vpp:
         problems.append(("model.num_layers", f"model.num_layers={model.num_layers} is smaller "
                          f"than parallel.pp x parallel.vpp = {pp} x {vpp}"))

@@ -31,8 +31,8 @@ from megaloom.checkpoint.files import (
 from megaloom.checkpoint.shards import Chunk, TensorStore, index_shards, stored_name
 from megaloom.config import Config, ModelConfig
 from megaloom.errors import CheckpointError
-from megaloom.model.gpt import GPT
 from megaloom.model.init import Box, full_box
+from megaloom.model.registry import build_model
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -108,7 +108,7 @@ class LazyState(Mapping):
         self.checkpoint = checkpoint
         self.source = merged_source(checkpoint, checkpoint.config) if merge else checkpoint
         with torch.device("meta"):
-            plain = GPT(checkpoint.config.model)
+            plain = build_model(checkpoint.config.model)
         self.shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
         self.dtype = plain.embed.weight.dtype
 
@@ -181,11 +181,11 @@ def _read_legacy_optimizer(directory: Path, manifest: dict, config: ModelConfig,
 
 
 def plain_order(config: ModelConfig) -> list[list[str]]:
-    """Parameter names of the single-process `GPT`, per AdamW group, in `train.optim` order
+    """Parameter names of the single-process model, per AdamW group, in `train.optim` order
     (how `optimizer.pt` of earlier versions numbers its state)."""
     from megaloom.train.optim import parameter_groups
 
     with torch.device("meta"):
-        plain = GPT(config)
+        plain = build_model(config)
     names = {id(p): n for n, p in plain.named_parameters()}
     return [[names[id(p)] for p in g["params"]] for g in parameter_groups(plain, 0.0)]

@@ -47,6 +47,7 @@ from megaloom.interop.weights import (
     normalize_hf_names,
 )
 from megaloom.model.gpt import GPT
+from megaloom.model.registry import build_model
 from megaloom.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def load_hf_model(
     config, tokenizer = hf_model_config(hf_dir)
     model_config = config.model
     with torch.device("meta"):
-        model = GPT(model_config)
+        model = build_model(model_config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     hf_state = read_hf_weights(hf_dir)
     try:

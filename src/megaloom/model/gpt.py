@@ -33,12 +33,14 @@ class AttentionContext:
     an object with `update(layer_index, k, v) -> (k_all, v_all)` that stores the new
     keys/values (batch, kv_heads, seq, head_dim) and returns everything cached so far.
     `attn_mask` is a boolean (batch, 1, q_len, kv_len) mask where True means "may attend"; when
-    None, plain causal attention over the current chunk is used.
+    None, plain causal attention over the current chunk is used (`causal`), or full
+    bidirectional attention for an encoder.
     """
 
     kv_cache: object | None = None
     attn_mask: torch.Tensor | None = None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    causal: bool = True
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -104,7 +106,7 @@ class Attention(nn.Module):
             v_bnsd,
             attn_mask=ctx.attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=ctx.attn_mask is None,
+            is_causal=ctx.attn_mask is None and ctx.causal,
             enable_gqa=q_per_kv > 1,
         )
         out = out.transpose(1, 2).reshape(batch, seq, -1)
@@ -137,7 +139,8 @@ def _unchanged(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A transformer layer. Pre-norm (`norm_position: pre`): x + attn(norm(x)), then
+    x + mlp(norm(x)); post-norm (original BERT): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -146,9 +149,13 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         drop = self.dropout if self.training else _unchanged  # skip the no-op call at decode
+        if self.post_norm:
+            x = self.attn_norm(x + drop(self.attn(x, ctx)))
+            return self.mlp_norm(x + drop(self.mlp(x)))
         x = x + drop(self.attn(self.attn_norm(x), ctx))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
@@ -161,28 +168,42 @@ def _embedding(rows: int, dim: int) -> nn.Embedding:
 
 
 class GPT(nn.Module):
-    """A decoder-only transformer. `forward(tokens)` returns logits over the padded vocabulary."""
+    """A decoder-only transformer. `forward(tokens)` returns logits over the padded vocabulary.
+
+    Other families (`megaloom.model.bert`) subclass it and override `build_embeddings`,
+    `build_head`, `embed_inputs` and `head`; `FIRST_STAGE`/`LAST_STAGE` name the modules the
+    first and last pipeline stage own, so the pipeline split works for every family.
+    """
+
+    FIRST_STAGE: tuple[str, ...] = ("embed", "pos_embed")
+    LAST_STAGE: tuple[str, ...] = ("final_norm", "lm_head")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
         self.config = config
-        vocab = config.padded_vocab_size
-        self.embed: nn.Embedding | None = _embedding(vocab, config.hidden_size)
+        self.build_embeddings(config)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
+        self.final_norm: nn.Module | None = (make_norm(config) if config.norm_position == "pre"
+                                             else None)
+        self.build_head(config)
+        if config.tied_head:
+            self.lm_head.weight = self.embed.weight
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def build_embeddings(self, config: ModelConfig) -> None:
+        self.embed: nn.Embedding | None = _embedding(config.padded_vocab_size, config.hidden_size)
         self.pos_embed: nn.Embedding | None = (
             _embedding(config.seq_len, config.hidden_size)
             if config.position_embedding == "learned"
             else None
         )
-        self.embed_dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
-        self.final_norm: nn.Module | None = make_norm(config)
+
+    def build_head(self, config: ModelConfig) -> None:
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.head_size,
                                                    bias=False)
-        if config.tied_head:
-            self.lm_head.weight = self.embed.weight
-        self.activation_checkpointing = False
-        self.reset_parameters()
 
     # ------------------------------------------------------------------ init
 
@@ -206,6 +227,7 @@ class GPT(nn.Module):
         kv_cache: object | None = None,
         attn_mask: torch.Tensor | None = None,
         keep_last: int = 0,
+        token_types: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (batch, seq) -> logits (batch, seq, padded_vocab), or label scores
         (batch, seq, num_labels) for a classifier (the task pools them).
@@ -213,21 +235,17 @@ class GPT(nn.Module):
         A pipeline stage without `embed` takes hidden states (batch, seq, hidden) instead of
         ids, and one without `lm_head` returns hidden states. `keep_last=k > 0` keeps only the
         last k positions before the final norm and head (prefill: 1; scoring: the targets).
+        `token_types` (batch, seq) are segment ids, for families with token types (BERT).
         """
         batch, seq = tokens.shape[:2]
         if positions is None:
             positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
-        if self.embed is not None:
-            x = self.embed(tokens)
-            if self.pos_embed is not None:
-                x = x + self.pos_embed(positions)
-            x = self.embed_dropout(x)
-        else:
-            x = tokens
+        x = tokens if self.embed is None else self.embed_inputs(tokens, positions, token_types)
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_tables(self.config, positions, x.dtype)
-        ctx = AttentionContext(kv_cache=kv_cache, attn_mask=attn_mask, rope=rope)
+        ctx = AttentionContext(kv_cache=kv_cache, attn_mask=attn_mask, rope=rope,
+                               causal=self.config.causal)
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
@@ -237,9 +255,22 @@ class GPT(nn.Module):
             x = x[:, -keep_last:]
         if self.final_norm is not None:
             x = self.final_norm(x)
-        if self.lm_head is not None:
-            x = self.lm_head(x)
-        return x
+        return self.head(x)
+
+    def embed_inputs(self, tokens: torch.Tensor, positions: torch.Tensor,
+                     token_types: torch.Tensor | None) -> torch.Tensor:
+        """Ids -> the first layer's input (token + learned position embeddings, dropout)."""
+        if token_types is not None:
+            raise ValueError(f"model.arch={self.config.arch} has no token types")
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return self.embed_dropout(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's (normed) output -> logits or label scores (hidden states on a
+        stage without the head)."""
+        return x if self.lm_head is None else self.lm_head(x)
 
     # ------------------------------------------------------------------ info
 

@@ -21,6 +21,7 @@ from megaloom.checkpoint.shards import ShardWriter, stored_name
 from megaloom.config import ModelConfig
 from megaloom.model.gpt import GPT
 from megaloom.model.init import Box, initial_values
+from megaloom.model.registry import build_model
 from megaloom.parallel.layers import shard_box
 from megaloom.parallel.parallelize import parallelize
 from megaloom.parallel.random import RNGTracker
@@ -105,8 +106,9 @@ def write_weights(writer: ShardWriter, model: GPT, topo: Topology) -> None:
 def build_shard(config: ModelConfig, topo: Topology, source: TensorSource,
                 sequence_parallel: bool = False, tracker: RNGTracker | None = None,
                 vpp: int = 1) -> GPT:
-    """This rank's stage and tp shards of `GPT(config)`, weights from `source`."""
+    """This rank's stage and tp shards of the model of `config` (any family), weights from
+    `source`."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = build_model(config)
     parallelize(model, topo, sequence_parallel, tracker, vpp)
     return materialize(model, topo, source)

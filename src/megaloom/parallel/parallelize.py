@@ -1,4 +1,5 @@
-"""Turn a plain `GPT` into this rank's part of a (tp, pp, dp) layout, and back.
+"""Turn a plain model (`GPT`, or a family built on its layers) into this rank's part of a
+(tp, pp, dp) layout, and back.
 
 `parallelize` keeps this rank's pipeline stage, swaps Linear/Embedding modules for their
 tensor-parallel versions (slicing the full, layout-independent initial weights), and wires
@@ -78,12 +79,15 @@ def parallelize(
                 block.dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
     if model.embed is not None:
         model.embed = VocabParallelEmbedding(model.embed, axis, sp)
-        if sp and model.pos_embed is not None:
-            model.pos_embed = SequenceShardedEmbedding(model.pos_embed, axis)
+        for name in ("pos_embed", "token_type_embed"):  # replicated, indexed per position
+            if sp and getattr(model, name, None) is not None:
+                setattr(model, name, SequenceShardedEmbedding(getattr(model, name), axis))
         if sp and cfg.dropout > 0:
             model.embed_dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
-    if model.final_norm is not None and sp:
-        _mark_sequence_parallel(model.final_norm)
+    if sp:  # replicated modules that see sequence shards: their gradients are partial
+        for name in ("final_norm", *getattr(model, "SEQUENCE_REPLICATED", ())):
+            if getattr(model, name) is not None:
+                _mark_sequence_parallel(getattr(model, name))
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear(model.lm_head, axis, sp)
         if tied and model.embed is not None:

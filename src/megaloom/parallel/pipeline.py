@@ -32,12 +32,10 @@ def split_stage(model: nn.Module, topo: Topology, vpp: int = 1) -> None:
     keep = {str(i) for block in chunk_layers(len(model.layers), topo, vpp) for i in block}
     for name in [n for n in model.layers if n not in keep]:
         del model.layers[name]
-    if not topo.is_first_stage:
-        model.embed = None
-        model.pos_embed = None
-    if not topo.is_last_stage:
-        model.final_norm = None
-        model.lm_head = None
+    dropped = (() if topo.is_first_stage else model.FIRST_STAGE) + (
+        () if topo.is_last_stage else model.LAST_STAGE)
+    for name in dropped:
+        setattr(model, name, None)
 
 
 class _P2P:
@@ -79,12 +77,14 @@ class _P2P:
 
 def stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
     """One stage's forward of a micro-batch: the batch's own `positions` and `attn_mask` when
-    its task gives them (packed samples), else 0.. seq-1 and plain causal attention."""
+    its task gives them (packed samples, padding), else 0.. seq-1 and the model's default
+    attention (causal for a decoder); `token_types` when the task has segments (BERT)."""
     positions = batch.get("positions")
     if positions is None:
         tokens = batch["tokens"]
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-    return model(inputs, positions=positions, attn_mask=batch.get("attn_mask"))
+    extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+    return model(inputs, positions=positions, attn_mask=batch.get("attn_mask"), **extra)
 
 
 @torch.no_grad()

@@ -34,10 +34,8 @@ def chunk_views(model: nn.Module, topo: Topology, vpp: int) -> list[nn.Module]:
         view.__dict__ = dict(model.__dict__)
         view._modules = dict(model._modules)
         view._modules["layers"] = nn.ModuleDict({str(i): model.layers[str(i)] for i in block})
-        if c != 0:
-            view._modules["embed"] = view._modules["pos_embed"] = None
-        if c != last:
-            view._modules["final_norm"] = view._modules["lm_head"] = None
+        dropped = (() if c == 0 else model.FIRST_STAGE) + (() if c == last else model.LAST_STAGE)
+        view._modules.update(dict.fromkeys(dropped))
         views.append(view)
     return views
 

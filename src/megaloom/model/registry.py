@@ -1,0 +1,98 @@
+"""The model registry: one entry per family (GPT decoders, BERT encoders), so the checkpoint
+reader, `parallelize`, the planner, Hugging Face interop and the commands ask the family
+instead of naming a model class.
+
+A `Family` says which `model.arch` values it covers, how to build its module (imported only
+when built, so the planner and the CLI stay free of torch), its Hugging Face adapter module
+(`megaloom.interop.*`: config.json mapping and tensor names), the `task.name`s it trains, the
+parameters it adds beyond the decoder's trunk (for the planner's closed forms), and whether it
+generates text (the engine, `serve`, `evaluate`'s likelihood scoring). A new family is a new
+module plus one `register` call here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megaloom.config import ModelConfig
+from megaloom.errors import MegaloomError
+
+
+@dataclass(frozen=True)
+class ExtraParameters:
+    """Parameters a family adds to the decoder trunk's closed form (`plan.params`):
+    replicated ones on the first stage (embeddings) and on the last (head), and head
+    parameters split over tp (vocabulary-parallel biases)."""
+
+    embedding: int = 0
+    head_replicated: int = 0
+    head_sharded: int = 0
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    archs: tuple[str, ...]
+    model_class: str  # "module:Class"
+    hf_adapter: str  # module with the Hugging Face mapping
+    tasks: tuple[str, ...]
+    generates: bool
+    extra_parameters: Callable[[ModelConfig], ExtraParameters]
+
+    def build(self, config: ModelConfig):
+        """The plain single-process module of `config` (on torch's current default device)."""
+        module, name = self.model_class.split(":")
+        return getattr(importlib.import_module(module), name)(config)
+
+    def require_generation(self, what: str) -> None:
+        if not self.generates:
+            raise MegaloomError(f"{what} needs a model that generates text; model.arch="
+                                f"{'/'.join(self.archs)} is an encoder (use megaloom evaluate "
+                                "or finetune --task classify with it)")
+
+
+def _no_extras(config: ModelConfig) -> ExtraParameters:
+    return ExtraParameters()
+
+
+def _bert_extras(config: ModelConfig) -> ExtraParameters:
+    """Token types, the embedding norm (post-norm), and the heads: masked-LM transform
+    (dense + norm) and vocabulary bias, pooler, sentence-order or classifier head."""
+    h = config.hidden_size
+    norm = h * (2 if config.norm == "layernorm" and config.bias else 1)
+    embedding = config.type_vocab_size * h + (norm if config.norm_position == "post" else 0)
+    pooler = h * h + h if (config.num_labels or config.binary_head) else 0
+    if config.num_labels:
+        return ExtraParameters(embedding, pooler, config.num_labels)  # classifier bias
+    order = 2 * h + 2 if config.binary_head else 0
+    return ExtraParameters(embedding, h * h + h + norm + pooler + order,
+                           config.padded_vocab_size)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> None:
+    for arch in family.archs:
+        FAMILIES[arch] = family
+
+
+register(Family("gpt", ("gpt2", "llama"), "megaloom.model.gpt:GPT", "megaloom.interop.weights",
+                ("lm", "distill", "sft", "classify"), True, _no_extras))
+register(Family("bert", ("bert",), "megaloom.model.bert:BERT", "megaloom.interop.bert",
+                ("mlm", "classify"), False, _bert_extras))
+
+
+def family_of(config: ModelConfig | str) -> Family:
+    arch = config if isinstance(config, str) else config.arch
+    if arch not in FAMILIES:
+        raise MegaloomError(f"model.arch={arch!r} is not a registered family "
+                            f"(known: {', '.join(FAMILIES)})")
+    return FAMILIES[arch]
+
+
+def build_model(config: ModelConfig):
+    """The plain module of `config`, whatever its family."""
+    return family_of(config).build(config)
