@@ -158,6 +158,8 @@ class ModelConfig:
                  "ways; model.causal=true is only for decoders (model.arch=gpt2 or llama)")
         _require(encoder or self.causal, "model.causal", f"model.arch={self.arch} is a "
                  "decoder and must be causal (a bidirectional encoder is model.arch=bert)")
+        _require(not (encoder and self.activation == "swiglu"), "model.activation",
+                 "model.arch=bert uses a GELU MLP ('gelu' or 'gelu_tanh'), not 'swiglu'")
         _require(encoder or self.norm_position == "pre", "model.norm_position",
                  f"model.arch={self.arch} puts norms before each sublayer ('pre'); "
                  "'post' is for model.arch=bert")

@@ -20,6 +20,7 @@ import torch
 
 from megaloom.config import ModelConfig
 from megaloom.errors import CheckpointError, MegaloomError
+from megaloom.interop import bert
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
 def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """The megaloom `ModelConfig` equivalent to a HF GPT-2 or Llama `config.json` dict."""
     arch = hf.get("model_type")
+    if arch in bert.MODEL_TYPES:
+        return _bert_fields(hf, source)
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"{source}: model_type={arch!r} is not supported "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
@@ -100,6 +103,23 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     except KeyError as exc:
         raise CheckpointError(f"{source}: missing field {exc}") from exc
     except ValueError as exc:  # ConfigError from validate()
+        raise UnsupportedModelError(f"{source}: {exc}") from exc
+    return config
+
+
+def _bert_fields(hf: dict[str, Any], source: str) -> ModelConfig:
+    names = bert.class_names(hf["model_type"])
+    for name in hf.get("architectures") or []:
+        if name not in names.values():
+            raise UnsupportedModelError(
+                f"{source}: architectures={name!r} is not supported for {hf['model_type']} "
+                f"(supported: {', '.join(sorted(names.values()))})")
+    try:
+        config = bert.model_config_from_hf(hf, source, len(hf_labels(hf)))
+        config.validate()
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: missing field {exc}") from exc
+    except ValueError as exc:
         raise UnsupportedModelError(f"{source}: {exc}") from exc
     return config
 
@@ -195,7 +215,7 @@ def hf_config_from_model(
     as `id2label` and the end-of-text id as `pad_token_id` (it pools at the last non-pad
     token, as megaloom does)."""
     arch = config.arch
-    for field, expected in EXPORT_FLAVOURS[arch].items():
+    for field, expected in EXPORT_FLAVOURS.get(arch, {}).items():
         if getattr(config, field) != expected:
             raise UnsupportedModelError(
                 f"model.{field}={getattr(config, field)!r} cannot be written as a Hugging Face "
@@ -210,6 +230,12 @@ def hf_config_from_model(
         dtype=str(dtype).removeprefix("torch."),
         torch_dtype=str(dtype).removeprefix("torch."),
     )
+    if arch == "bert":
+        try:
+            hf = bert.hf_config_from_model(config, common)
+        except ValueError as exc:
+            raise UnsupportedModelError(str(exc)) from exc
+        return _with_labels(config, labels, hf)
     if arch == "gpt2":
         if config.activation not in EXPORT_ACTIVATIONS:
             raise UnsupportedModelError(f"model.activation={config.activation!r} cannot be "
@@ -271,6 +297,8 @@ def _with_labels(config: ModelConfig, labels: list[str] | None, hf: dict[str, An
     if len(labels) != config.num_labels:
         raise UnsupportedModelError(f"{len(labels)} label names for model.num_labels="
                                     f"{config.num_labels}")
-    return {**hf, "architectures": [CLASSIFIERS[config.arch]], "num_labels": config.num_labels,
+    architectures = hf["architectures"] if config.arch == "bert" else [CLASSIFIERS[config.arch]]
+    pad = hf.get("pad_token_id") if config.arch == "bert" else hf["eos_token_id"]
+    return {**hf, "architectures": architectures, "num_labels": config.num_labels,
             "id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)},
-            "pad_token_id": hf["eos_token_id"], "problem_type": "single_label_classification"}
+            "pad_token_id": pad, "problem_type": "single_label_classification"}

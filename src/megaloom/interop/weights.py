@@ -23,15 +23,20 @@ import torch
 
 from megaloom.config import ModelConfig
 from megaloom.errors import CheckpointError
+from megaloom.interop import bert
 
 Pair = tuple[str, str, bool]  # (megaloom name, Hugging Face name, stored transposed in HF)
 
 # Buffers some HF checkpoints carry that hold no learned state.
 IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
-HF_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+HF_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": bert.PREFIX}
+TOP_LEVEL = ("lm_head.weight", "score.weight", *bert.TOP_LEVEL)  # outside the base model
+VOCAB_ROWS = ("embed.weight", "lm_head.weight", "lm_head.bias")  # padded to padded_vocab_size
 
 
 def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
+    if config.arch == "bert":
+        return bert.layer_pairs(config, i)
     ours = f"layers.{i}."
     if config.arch == "gpt2":
         hf = f"transformer.h.{i}."
@@ -52,6 +57,8 @@ def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
 
 
 def _top_pairs(config: ModelConfig) -> list[Pair]:
+    if config.arch == "bert":
+        return bert.top_pairs(config)
     if config.arch == "gpt2":
         pairs = [("embed.weight", "transformer.wte.weight", False),
                  ("pos_embed.weight", "transformer.wpe.weight", False),
@@ -74,6 +81,8 @@ def _all_pairs(config: ModelConfig) -> list[Pair]:
 
 
 def _qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
+    if config.arch == "bert":
+        return bert.qkv_hf_names(config, i, kind)
     if config.arch == "gpt2":
         return [f"transformer.h.{i}.attn.c_attn.{kind}"]
     return [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
@@ -114,9 +123,11 @@ def normalize_hf_names(names: Iterable[str], config: ModelConfig) -> dict[str, s
     names = list(names)
     prefix = HF_PREFIX[config.arch]
     bare = not any(name.startswith(prefix) for name in names)
-    return {(prefix + name if bare and name not in ("lm_head.weight", "score.weight") else name):
-            name
-            for name in names if not IGNORED_HF_TENSORS.search(name)}
+    ignored = bert.ignored(config) if config.arch == "bert" else ()
+    return {(prefix + name if bare and not name.startswith(TOP_LEVEL) else name): name
+            for name in names
+            if not IGNORED_HF_TENSORS.search(name) and (prefix + name if bare else name)
+            not in ignored}
 
 
 def hf_sources(name: str, config: ModelConfig) -> list[str]:
@@ -151,8 +162,8 @@ def convert_hf_tensor(name: str, fetch: Callable[[str], torch.Tensor], config: M
     else:
         transposed = next(t for ours, _, t in _all_pairs(config) if ours == name)
         tensor = parts[0].t() if transposed else parts[0]
-        if (name in ("embed.weight", "lm_head.weight") and not (config.num_labels and name ==
-                "lm_head.weight") and tensor.shape[0] == config.vocab_size):
+        if (name in VOCAB_ROWS and not (config.num_labels and name.startswith("lm_head."))
+                and tensor.shape[0] == config.vocab_size):
             tensor = _pad_rows(tensor, config.padded_vocab_size)
     if tuple(tensor.shape) != tuple(shape):
         raise CheckpointError(f"{', '.join(names)}: shape {tuple(tensor.shape)} does not match "
@@ -166,11 +177,12 @@ def hf_to_megaloom(hf: Mapping[str, torch.Tensor], config: ModelConfig,
     from the target model (a tied `lm_head.weight` left out or not); every HF tensor must be
     used and every shape must match."""
     original = normalize_hf_names(hf, config)
-    if config.tied_head and "lm_head.weight" in original:
-        head = hf[original.pop("lm_head.weight")]
+    head_name = bert.TIED_HEAD if config.arch == "bert" else "lm_head.weight"
+    if config.tied_head and head_name in original:
+        head = hf[original.pop(head_name)]
         embed_name = _top_pairs(config)[0][1]
         if embed_name in original and not torch.equal(head, hf[original[embed_name]]):
-            raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from "
+            raise CheckpointError(f"tie_word_embeddings is true but {head_name} differs from "
                                   f"{embed_name}; set tie_word_embeddings=false in config.json")
     wanted = {n: s for n, s in expected_shapes.items()
               if not (config.tied_head and n == "lm_head.weight")}
@@ -197,11 +209,13 @@ def iter_megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """`megaloom_to_hf` one HF tensor at a time, reading each megaloom tensor when it is
     needed, so a lazy `state` (`checkpoint.LazyState`) converts in bounded memory."""
+    aliases = dict(bert.export_aliases(config)) if config.arch == "bert" else {}
     for ours, theirs, transposed in _all_pairs(config):
         tensor = state[ours]
-        if ours in ("embed.weight", "lm_head.weight"):
+        if ours in VOCAB_ROWS and not (config.num_labels and ours.startswith("lm_head.")):
             tensor = tensor[: config.vocab_size]
         yield theirs, (tensor.t() if transposed else tensor)
+        yield from ((alias, tensor) for alias, source in aliases.items() if source == theirs)
     for i in range(config.num_layers):
         for kind in _qkv_kinds(config):
             q, k, v = split_qkv(state[f"layers.{i}.attn.qkv.{kind}"], config)

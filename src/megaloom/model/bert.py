@@ -78,7 +78,8 @@ class BERT(GPT):
             pooled = self.head_dropout(torch.tanh(self.pooler(x[:, 0])))
         if self.config.num_labels:
             return self.lm_head(pooled)
-        hidden = self.head_norm(F.gelu(self.head_dense(x)))
+        approximate = "tanh" if self.config.activation == "gelu_tanh" else "none"
+        hidden = self.head_norm(F.gelu(self.head_dense(x), approximate=approximate))
         logits = self.lm_head(hidden)
         if self.binary_head is None:
             return logits
