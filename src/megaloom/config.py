@@ -362,9 +362,36 @@ class DistillConfig:
 
 
 @dataclass
+class MaskedLMConfig:
+    """BERT's masked-LM objective (`task.name=mlm`): `rate` of the tokens are chosen (as
+    n-grams of up to `max_ngram` tokens or whole words when `whole_word`), `mask` of those are
+    replaced by `mask_token`, `random` by a random token, the rest kept. Each sample is
+    `[CLS] A [SEP] B [SEP]` cut from one token window; with `model.binary_head` the halves are
+    swapped half the time and the sentence-order head learns which."""
+
+    rate: float = 0.15
+    mask: float = 0.8
+    random: float = 0.1
+    max_ngram: int = 1
+    whole_word: bool = False
+    mask_token: str = "[MASK]"
+    cls_token: str = "[CLS]"
+    sep_token: str = "[SEP]"
+
+    def validate(self) -> None:
+        _require(0 < self.rate < 1, "task.mlm.rate", "must be in (0, 1)")
+        _require(self.mask >= 0 and self.random >= 0 and self.mask + self.random <= 1,
+                 "task.mlm.mask", "task.mlm.mask and task.mlm.random must be >= 0 and sum "
+                 "to at most 1")
+        _require(self.max_ngram >= 1, "task.mlm.max_ngram", "must be >= 1")
+        _require_finite(self, "task.mlm")
+
+
+@dataclass
 class TaskConfig:
     """What the trainer optimises. `lm`: next-token pretraining on `data.prefixes`.
-    `distill`: the same data, learning the `distill.teacher`'s distributions. `sft`:
+    `distill`: the same data, learning the `distill.teacher`'s distributions. `mlm`: BERT's
+    masked-LM (and sentence-order) pretraining on the same data (`mlm`). `sft`:
     supervised fine-tuning on JSONL `prompt_field`/`response_field` pairs or chat
     `messages_field` lists (loss on the response and its end token only). `classify`: a
     sequence classifier on JSONL `text_field`/`label_field` (`labels` is filled from the
@@ -378,7 +405,7 @@ class TaskConfig:
     prompt loses its start) or are an error (`reject`). `epochs` sets `train.max_steps`.
     """
 
-    name: Literal["lm", "distill", "sft", "classify"] = "lm"
+    name: Literal["lm", "distill", "sft", "classify", "mlm"] = "lm"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -394,10 +421,12 @@ class TaskConfig:
     max_new_tokens: int = 64
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    mlm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
 
     def validate(self) -> None:
         self.lora.validate()
         self.distill.validate()
+        self.mlm.validate()
         _require(self.name != "distill" or self.distill.teacher is not None,
                  "task.distill.teacher", "is required with task.name=distill (a run, "
                  "checkpoint or hf:DIR)")
@@ -430,6 +459,11 @@ class Config:
         self.train.validate()
         self.parallel.validate()
         self.task.validate()
+        from megaloom.model.registry import family_of
+
+        family = family_of(self.model)
+        _require(self.task.name in family.tasks, "task.name", f"{self.task.name!r} is not a "
+                 f"task of model.arch={self.model.arch} (choose {', '.join(family.tasks)})")
         _require(self.model.num_labels == 0 or self.task.name == "classify",
                  "model.num_labels", f"is {self.model.num_labels} for task.name="
                  f"{self.task.name!r} (only a classifier has labels)")

@@ -1,6 +1,7 @@
 """Reference single-process training and its parallel twin, for parity tests.
 
-The reference is a plain loop on the unchanged `GPT` with the trainer's AdamW groups
+The reference is a plain loop on the unchanged model (`GPT`, or `BERT` on masked-LM
+batches) with the trainer's AdamW groups
 (`megaloom.train.optim`), the summed token loss over the global token count and torch's
 clipping, all in float64 (the trainer's own `lm_loss` computes in float32, too coarse for tight
 tolerances). The parallel loop runs the same global batches through `parallelize`, the 1F1B
@@ -14,12 +15,14 @@ import torch.nn.functional as F
 
 from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model.gpt import GPT
+from megaloom.model.registry import build_model
 from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.loss import parallel_lm_loss
 from megaloom.parallel.parallelize import gather_full, gather_full_state_dict, parallelize
 from megaloom.parallel.pipeline import forward_backward as parallel_forward_backward
 from megaloom.parallel.pipeline_interleaved import interleaved_forward_backward
 from megaloom.parallel.topology import Topology
+from megaloom.tasks.mlm import MaskedLMTask
 from megaloom.train.optim import parameter_groups
 
 MICRO_BATCH = 2
@@ -28,8 +31,12 @@ SEED = 7
 
 
 def tiny_model(arch: str) -> ModelConfig:
-    """4 layers, vocab 61 (odd: tp=2 needs padding), 2 kv heads for llama."""
+    """4 layers, vocab 61 (odd: tp=2 needs padding), 2 kv heads for llama; `bert` is the
+    post-norm encoder with the sentence-order head, `bert-pre` the pre-norm one without."""
     extra = {"num_kv_heads": 2, "ffn_hidden_size": 64} if arch == "llama" else {}
+    if arch.startswith("bert"):
+        pre = arch == "bert-pre"
+        arch, extra = "bert", {"norm_position": "pre" if pre else "post", "binary_head": not pre}
     return ModelConfig(arch=arch, num_layers=4, hidden_size=32, num_heads=4, seq_len=8,
                        vocab_size=61, make_vocab_size_divisible_by=1, **extra)
 
@@ -49,9 +56,51 @@ def global_batch(step: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tenso
     return tokens, mask
 
 
+def micro_batches(step: int, cfg: ModelConfig, rows: slice | None = None
+                  ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+    """The micro-batches of `rows` of global batch `step` and the global loss-token count. A
+    decoder predicts the next tokens; an encoder (BERT) gets token types, its targets at the
+    masked positions and sentence-order labels."""
+    tokens, mask = global_batch(step, cfg)
+    denominator = mask.sum()
+    full = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+    if cfg.arch == "bert":
+        gen = torch.Generator().manual_seed(2000 + step)
+        full["token_types"] = torch.randint(0, 2, tokens[:, :-1].shape, generator=gen)
+        full["order"] = torch.randint(0, 2, (GLOBAL_BATCH,), generator=gen)
+    rows = rows or slice(0, GLOBAL_BATCH)
+    mine = {k: v[rows] for k, v in full.items()}
+    count = rows.stop - rows.start
+    return [{k: v[i:i + MICRO_BATCH] for k, v in mine.items()}
+            for i in range(0, count, MICRO_BATCH)], denominator
+
+
+def reference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: ModelConfig
+                   ) -> torch.Tensor:
+    """Summed float64 loss of one micro-batch on the plain model (`tasks.mlm`'s formula for
+    BERT: masked-token cross-entropy plus sentence order weighted by each row's count)."""
+    extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+    output = model(batch["tokens"], **extra)
+    logits, order = output if isinstance(output, tuple) else (output, None)
+    losses = F.cross_entropy(logits[..., :cfg.vocab_size].reshape(-1, cfg.vocab_size),
+                             batch["targets"].reshape(-1), reduction="none")
+    total = (losses * batch["loss_mask"].reshape(-1)).sum()
+    if order is not None:
+        rows = F.cross_entropy(order, batch["order"], reduction="none")
+        total = total + (rows * batch["loss_mask"].sum(dim=1)).sum()
+    return total
+
+
+def parallel_loss_sum(output, batch: dict[str, torch.Tensor], cfg: ModelConfig, axis
+                      ) -> torch.Tensor:
+    if cfg.arch == "bert":
+        return MaskedLMTask(cfg.vocab_size).loss_sum(output, batch, axis)
+    return parallel_lm_loss(output, batch["targets"], axis, cfg.vocab_size, batch["loss_mask"])
+
+
 def fresh_model(cfg: ModelConfig) -> GPT:
     torch.manual_seed(SEED)
-    return GPT(cfg).double()
+    return build_model(cfg).double()
 
 
 def reference_run(cfg: ModelConfig, steps: int) -> list[dict]:
@@ -62,13 +111,10 @@ def reference_run(cfg: ModelConfig, steps: int) -> list[dict]:
     records = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        tokens, mask = global_batch(step, cfg)
+        batches, denominator = micro_batches(step, cfg)
         loss = 0.0
-        for i in range(0, GLOBAL_BATCH, MICRO_BATCH):
-            logits = model(tokens[i:i + MICRO_BATCH, :-1])[..., :cfg.vocab_size]
-            losses = F.cross_entropy(logits.reshape(-1, cfg.vocab_size),
-                                     tokens[i:i + MICRO_BATCH, 1:].reshape(-1), reduction="none")
-            micro = (losses * mask[i:i + MICRO_BATCH].reshape(-1)).sum() / mask.sum()
+        for batch in batches:
+            micro = reference_loss(model, batch, cfg) / denominator
             micro.backward()
             loss += micro.item()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -91,17 +137,11 @@ def parallel_run(cfg: ModelConfig, topo: Topology, steps: int, sequence_parallel
     records = []
     for step in range(steps):
         optimizer.zero_grad()
-        tokens, mask = global_batch(step, cfg)
-        denominator = mask.sum()
         mine = slice(topo.dp_axis.rank * per_rank, (topo.dp_axis.rank + 1) * per_rank)
-        tokens, mask = tokens[mine], mask[mine]
-        batches = [{"tokens": tokens[i:i + MICRO_BATCH, :-1],
-                    "targets": tokens[i:i + MICRO_BATCH, 1:], "loss_mask": mask[i:i + MICRO_BATCH]}
-                   for i in range(0, per_rank, MICRO_BATCH)]
+        batches, denominator = micro_batches(step, cfg, mine)
 
-        def loss_fn(logits, batch, denominator=denominator):
-            return parallel_lm_loss(logits, batch["targets"], topo.tp_axis, cfg.vocab_size,
-                                    batch["loss_mask"]) / denominator
+        def loss_fn(output, batch, denominator=denominator):
+            return parallel_loss_sum(output, batch, cfg, topo.tp_axis) / denominator
 
         optimizer.start_backward(len(batches))
         if vpp > 1:

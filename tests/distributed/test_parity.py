@@ -24,6 +24,10 @@ LAYOUTS = [
     (2, 2, 2, "gpt2", True, True, 1),
     (1, 2, 1, "gpt2", False, False, 2),
     (2, 2, 1, "llama", True, False, 2),
+    (2, 1, 1, "bert", False, False, 1),
+    (1, 1, 2, "bert", False, True, 1),
+    (1, 2, 1, "bert", False, False, 1),
+    (2, 2, 2, "bert-pre", True, True, 1),
 ]
 
 

@@ -23,21 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="skip (and count) bad records instead of stopping at the first")
     train.add_argument("--mask-token", metavar="TOKEN",
                        help="add a mask token for masked-LM (BERT) training, e.g. '<mask>'")
+    train.add_argument("--bert-tokens", action="store_true",
+                       help="add [CLS], [SEP] and [MASK] for BERT (task.name=mlm) training")
     train.add_argument("--sentinels", type=int, default=0, metavar="N",
                        help="add <extra_id_0> .. <extra_id_N-1> for T5 span corruption")
 
 
 def run(args: argparse.Namespace) -> int:
-    from megaloom.data.masking import SENTINEL
+    from megaloom.data.masking import BERT_TOKENS, SENTINEL
     from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
     from megaloom.errors import DataError
 
     if args.sentinels < 0:
         raise DataError(f"--sentinels must be >= 0, got {args.sentinels}")
-    special = [ENDOFTEXT, *([args.mask_token] if args.mask_token else []),
+    special = [ENDOFTEXT, *(BERT_TOKENS if args.bert_tokens else ()),
+               *([args.mask_token] if args.mask_token else []),
                *(SENTINEL.format(i) for i in range(args.sentinels))]
     if len(set(special)) != len(special):
-        raise DataError(f"--mask-token {args.mask_token!r} repeats another special token")
+        raise DataError(f"--mask-token {args.mask_token!r} repeats another special token "
+                        "(--bert-tokens already adds [MASK])")
     tokenizer = train_bpe(args.files, args.vocab_size, args.output, json_key=args.json_key,
                           min_frequency=args.min_frequency, special_tokens=special,
                           skip_bad=args.skip_bad)

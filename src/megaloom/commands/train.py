@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, config: Config) -> int:
+    from megaloom.model.registry import family_of
     from megaloom.train.run import build_trainer
 
     trainer = build_trainer(config, resume=not args.no_resume)
@@ -64,7 +65,7 @@ def _train(args: argparse.Namespace, config: Config) -> int:
         print(f"validation loss {result.val_loss:.4f} (perplexity "
               f"{min(2.718281828 ** result.val_loss, 1e12):.2f}) at step {result.step}")
     print(f"checkpoint: {result.checkpoint}")
-    if args.samples and not result.interrupted:
+    if args.samples and not result.interrupted and family_of(config.model).generates:
         print_samples(result.checkpoint, args.samples)
     return 130 if result.interrupted else 0
 

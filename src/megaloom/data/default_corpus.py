@@ -11,6 +11,7 @@ as JSONL, trains a byte-level BPE and preprocesses it once, caching everything u
 from __future__ import annotations
 
 import ast
+import hashlib
 import io
 import json
 import logging
@@ -19,11 +20,11 @@ import sys
 import sysconfig
 import tokenize
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from megaloom.data.preprocess import output_prefix, preprocess
-from megaloom.data.tokenizer import train_bpe
+from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
 from megaloom.utils.io import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -87,10 +88,15 @@ def corpus_documents() -> list[str]:
     return documents
 
 
-def ensure_default_data(cache_dir: str, vocab_size: int = 4096) -> tuple[str, str]:
-    """Build (once) and return `(tokenizer_json_path, dataset_prefix)` of the default corpus."""
+def ensure_default_data(cache_dir: str, vocab_size: int = 4096,
+                        extra_tokens: Sequence[str] = ()) -> tuple[str, str]:
+    """Build (once) and return `(tokenizer_json_path, dataset_prefix)` of the default corpus;
+    `extra_tokens` are special tokens the tokenizer gets after the end-of-document token
+    (BERT's `[CLS]`, `[SEP]`, `[MASK]`)."""
     version = ".".join(map(str, sys.version_info[:3]))
-    entry = Path(cache_dir) / f"default-corpus-py{version}-v{vocab_size}-c{CORPUS_VERSION}"
+    tag = ("-" + hashlib.sha256("\n".join(extra_tokens).encode()).hexdigest()[:8]
+           if extra_tokens else "")
+    entry = Path(cache_dir) / f"default-corpus-py{version}-v{vocab_size}-c{CORPUS_VERSION}{tag}"
     tokenizer_path = entry / "tokenizer.json"
     prefix = output_prefix(entry / "corpus", "text")
     if not (entry / "done").is_file():
@@ -100,7 +106,8 @@ def ensure_default_data(cache_dir: str, vocab_size: int = 4096) -> tuple[str, st
             with open(corpus, "w", encoding="utf-8") as handle:
                 for text in corpus_documents():
                     handle.write(json.dumps({"text": text}) + "\n")
-            train_bpe([corpus], vocab_size, tmp / "tokenizer.json", show_progress=False)
+            train_bpe([corpus], vocab_size, tmp / "tokenizer.json", show_progress=False,
+                      special_tokens=(ENDOFTEXT, *extra_tokens))
             preprocess([corpus], tmp / "corpus", tmp / "tokenizer.json", append_eod=True)
             corpus.unlink()
             (tmp / "done").write_text("ok\n", encoding="utf-8")

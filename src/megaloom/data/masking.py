@@ -27,6 +27,7 @@ from megaloom.errors import DataError
 
 IGNORE = -100  # label of positions the loss skips (PyTorch's cross-entropy default)
 SENTINEL = "<extra_id_{}>"
+BERT_TOKENS = ("[CLS]", "[SEP]", "[MASK]")  # the masked-LM task's default framing and mask
 
 
 def sample_rng(seed: int, index: int) -> np.random.Generator:

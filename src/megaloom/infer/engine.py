@@ -30,6 +30,7 @@ from megaloom.infer.params import SamplingError, SamplingParams
 from megaloom.infer.sampling import BatchSampler, StepSample, token_logprobs
 from megaloom.infer.stop import TextStream
 from megaloom.model.gpt import GPT
+from megaloom.model.registry import family_of
 
 
 @dataclass
@@ -167,6 +168,9 @@ class Engine:
                  packed_head: bool | None = None):
         if max_batch_size < 1:
             raise SamplingError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
+        if not family_of(model.config).generates:
+            raise SamplingError(f"model.arch={model.config.arch} is an encoder: it fills in "
+                                "masked tokens and scores texts but cannot generate")
         if model.config.num_labels:
             raise SamplingError(f"this model is a sequence classifier ({model.config.num_labels}"
                                 " labels): it scores texts and cannot generate; use "

@@ -32,6 +32,7 @@ def resolve_data(config: Config) -> int:
     """Fill `data.prefixes`/`data.tokenizer` (default corpus when no data is given); return
     the tokenizer's vocabulary size."""
     from megaloom.data.default_corpus import ensure_default_data
+    from megaloom.data.masking import BERT_TOKENS
     from megaloom.data.tokenizer import Tokenizer
 
     data = config.data
@@ -39,8 +40,10 @@ def resolve_data(config: Config) -> int:
         if data.tokenizer is not None:
             raise MegaloomError("data.tokenizer is set but data.prefixes is empty: preprocess "
                                 "your text with that tokenizer and list the prefixes")
+        extra = BERT_TOKENS if config.task.name == "mlm" else ()
         tokenizer_path, prefix = ensure_default_data(data.cache_dir,
-                                                     vocab_size=config.model.vocab_size)
+                                                     vocab_size=config.model.vocab_size,
+                                                     extra_tokens=extra)
         data.prefixes, data.tokenizer = [prefix], str(tokenizer_path)
         log.info("no data given: using the embedded default corpus (%s)", prefix)
     if data.tokenizer is None:
@@ -99,10 +102,10 @@ class Prepared:
 def prepare_run(config: Config) -> Prepared:
     """Pretraining or distillation: data (index caches built on first use), tokenizer,
     `model.init_from` and, for `task.name=distill`, the teacher."""
-    if config.task.name not in ("lm", "distill"):
+    if config.task.name not in ("lm", "distill", "mlm"):
         raise ConfigError(f"task.name={config.task.name!r}: megaloom train pretrains "
-                          "(task.name=lm) or distils (task.name=distill); fine-tune with "
-                          f"megaloom finetune --task {config.task.name}")
+                          "(task.name=lm, or mlm for BERT) or distils (task.name=distill); "
+                          f"fine-tune with megaloom finetune --task {config.task.name}")
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
     if config.model.init_from is None:
@@ -116,6 +119,8 @@ def prepare_run(config: Config) -> Prepared:
                 f"the tokenizer {config.data.tokenizer} has {vocab_size} tokens but the "
                 f"model.init_from model only {config.model.vocab_size}")
     config.validate()
+    if config.task.name == "mlm":
+        return prepare_masked_lm(config, source)
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )
@@ -127,6 +132,27 @@ def prepare_run(config: Config) -> Prepared:
                        config.parallel.sequence_parallel and config.parallel.tp > 1,
                        config.train.precision)
     return Prepared(source, train_ds, valid_ds, task, task.attach)
+
+
+def prepare_masked_lm(config: Config, source: TensorSource | None) -> Prepared:
+    """BERT pretraining: windows of `seq_len - 3` tokens framed and masked per sample."""
+    from megaloom.data.gpt_dataset import build_gpt_datasets
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.tasks.mlm import FRAMING_TOKENS, MaskedLMDataset, MaskedLMTask
+
+    window = config.model.seq_len - FRAMING_TOKENS
+    if window < 2:
+        raise ConfigError(f"model.seq_len={config.model.seq_len} is too short for masked-LM "
+                          f"samples ([CLS] A [SEP] B [SEP] needs at least {FRAMING_TOKENS + 2})")
+    windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
+                                 sample_counts(config))
+    tokenizer = Tokenizer.from_file(config.data.tokenizer)
+    train_ds, valid_ds = (
+        None if ds is None else MaskedLMDataset(ds, tokenizer, config.task.mlm,
+                                                config.train.seed * 3 + split,
+                                                config.model.binary_head)
+        for split, ds in enumerate(windows[:2]))
+    return Prepared(source, train_ds, valid_ds, MaskedLMTask(config.model.vocab_size))
 
 
 def join_job(config: Config) -> Topology:
