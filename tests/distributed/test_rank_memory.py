@@ -24,6 +24,11 @@ GPT2 = ModelConfig(arch="gpt2", num_layers=5, hidden_size=32, num_heads=4, seq_l
 LLAMA = ModelConfig(arch="llama", num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2,
                     ffn_hidden_size=64, seq_len=8, vocab_size=61, make_vocab_size_divisible_by=1)
 
+BERT_SOP = ModelConfig(arch="bert", num_layers=4, hidden_size=32, num_heads=4, seq_len=8,
+                       vocab_size=61, make_vocab_size_divisible_by=1, binary_head=True)
+BERT_PRE_CLASSIFIER = ModelConfig(arch="bert", num_layers=6, hidden_size=32, num_heads=4,
+                                  seq_len=8, vocab_size=61, norm_position="pre", num_labels=3)
+
 
 def meta_rank(config: ModelConfig, tp: int, pp: int, rank: int, vpp: int = 1):
     topo = Topology.build(tp, pp, "meta", virtual=(tp * pp, rank))
@@ -39,7 +44,8 @@ SHAPES = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2), (1, 3, 1), (2, 2, 2)]
 
 
 @pytest.mark.parametrize("config,tp,pp,vpp", [(GPT2, 4, 1, 1)]
-                         + [(c, *shape) for c in (GPT2, LLAMA) for shape in SHAPES])
+                         + [(c, *shape) for c in (GPT2, LLAMA, BERT_SOP, BERT_PRE_CLASSIFIER)
+                            for shape in SHAPES])
 def test_every_rank_holds_the_planned_parameters(config, tp, pp, vpp):
     stages = stage_parameters(config, pp, vpp)
     for rank in range(tp * pp):

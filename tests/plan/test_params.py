@@ -7,6 +7,7 @@ import torch
 
 from megaloom.config import ModelConfig
 from megaloom.model import GPT, PRESETS, preset_config
+from megaloom.model.registry import build_model
 from megaloom.plan.layout import Layout, PlanError
 from megaloom.plan.params import (
     count_parameters,
@@ -26,6 +27,13 @@ LLAMA_VARIANTS = {
                              num_kv_heads=3, ffn_hidden_size=100, bias=True, vocab_size=77),
     "gpt2-no-bias-gelu": dict(arch="gpt2", num_layers=2, hidden_size=32, num_heads=2,
                               bias=False, activation="gelu", vocab_size=999),
+    "bert-post-sop": dict(arch="bert", num_layers=2, hidden_size=32, num_heads=4,
+                          vocab_size=101, binary_head=True),
+    "bert-pre-untied": dict(arch="bert", num_layers=2, hidden_size=32, num_heads=4,
+                            vocab_size=77, norm_position="pre", tie_embeddings=False,
+                            type_vocab_size=3),
+    "bert-classifier": dict(arch="bert", num_layers=2, hidden_size=32, num_heads=2,
+                            vocab_size=50, num_labels=3),
     "gpt2-rope-untied": dict(arch="gpt2", num_layers=2, hidden_size=32, num_heads=4,
                              position_embedding="rope", tie_embeddings=False, vocab_size=130),
 }
@@ -33,7 +41,7 @@ LLAMA_VARIANTS = {
 
 def meta_model(config: ModelConfig) -> GPT:
     with torch.device("meta"):
-        return GPT(config)
+        return build_model(config)
 
 
 def distinct_numel(params) -> int:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from megaloom.config import ModelConfig
 from megaloom.layout_rules import rank_layers
+from megaloom.model.registry import family_of
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,23 @@ def position_embedding_parameters(model: ModelConfig) -> int:
     return model.seq_len * model.hidden_size if model.position_embedding == "learned" else 0
 
 
+def final_norm_parameters(model: ModelConfig) -> int:
+    """The norm after the last layer (pre-norm layers only; post-norm layers end normed)."""
+    return norm_parameters(model) if model.norm_position == "pre" else 0
+
+
 def count_parameters(model: ModelConfig) -> int:
-    """Distinct parameters of the whole model (a tied head counts once)."""
+    """Distinct parameters of the whole model (a tied head counts once), with what the
+    family adds (`model.registry`: BERT's token types and heads)."""
     head = 0 if model.tied_head else model.head_size * model.hidden_size
+    extra = family_of(model).extra_parameters(model)
     return (
         word_embedding_parameters(model)
         + position_embedding_parameters(model)
         + model.num_layers * layer_parameters(model).total
-        + norm_parameters(model)
+        + final_norm_parameters(model)
         + head
+        + extra.embedding + extra.head_replicated + extra.head_sharded
     )
 
 
@@ -113,24 +122,36 @@ def stage_parameters(model: ModelConfig, pp: int, vpp: int = 1) -> list[StagePar
     for stage in range(pp):
         per_stage = sum(len(block) for block in rank_layers(model.num_layers, pp, vpp, stage))
         first, last = stage == 0, stage == pp - 1
+        extra = family_of(model).extra_parameters(model)
         embedding = (word_embedding_parameters(model) + position_embedding_parameters(model)
-                     if first else 0)
-        head_weight = word_embedding_parameters(model)
-        if model.tie_embeddings and first:
-            head_weight = 0  # shares the embedding stored on this stage
-        head = norm_parameters(model) + head_weight if last else 0
+                     + extra.embedding if first else 0)
+        head = (final_norm_parameters(model) + head_weight_parameters(model, first)
+                + extra.head_replicated + extra.head_sharded if last else 0)
         stages.append(StageParams(stage, per_stage, embedding, per_stage * layer, head))
     return stages
 
 
+def head_weight_parameters(model: ModelConfig, on_first_stage: bool) -> int:
+    """The head's weight on the last stage: the labels of a classifier, else the vocabulary;
+    none when it is the tied embedding stored on the same stage."""
+    if model.num_labels:
+        return model.head_size * model.hidden_size
+    return 0 if model.tie_embeddings and on_first_stage else word_embedding_parameters(model)
+
+
 def parameters_per_gpu(model: ModelConfig, stage: StageParams, tp: int) -> int:
-    """Parameters one tensor-parallel rank of `stage` stores (vocabulary split over tp)."""
+    """Parameters one tensor-parallel rank of `stage` stores (vocabulary or labels split over
+    tp, padded to a multiple of tp)."""
     layer = layer_parameters(model)
+    extra = family_of(model).extra_parameters(model)
     vocab_shard = math.ceil(model.padded_vocab_size / tp) * model.hidden_size
     total = stage.num_layers * (layer.sharded // tp + layer.replicated)
     if stage.embedding:
-        total += vocab_shard + position_embedding_parameters(model)
+        total += vocab_shard + position_embedding_parameters(model) + extra.embedding
     if stage.head:
-        head_weight = stage.head - norm_parameters(model)
-        total += norm_parameters(model) + (vocab_shard if head_weight else 0)
+        weight = head_weight_parameters(model, stage.embedding > 0)
+        if weight:
+            total += math.ceil(model.head_size / tp) * model.hidden_size
+        total += (final_norm_parameters(model) + extra.head_replicated
+                  + math.ceil(extra.head_sharded / tp))
     return total
