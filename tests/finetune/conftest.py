@@ -1,4 +1,4 @@
-"""Shared fixture: a small BPE tokenizer, tiny GPT-2 and Llama base runs saved as megaloom
+"""Shared fixture: a small BPE tokenizer, tiny GPT-2, Llama and BERT base runs saved as megaloom
 checkpoints, and the task data files."""
 
 import random
@@ -8,8 +8,10 @@ import torch
 from finetune_helpers import WORDS, chat_records, cls_records, sft_records, write_jsonl
 
 from megaloom.checkpoint.files import save_model_files
-from megaloom.config import Config, ModelConfig
+from megaloom.config import Config, ModelConfig, TaskConfig
+from megaloom.data.masking import BERT_TOKENS
 from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
+from megaloom.model.bert import BERT
 from megaloom.model.gpt import GPT
 
 
@@ -36,6 +38,13 @@ def workdir(tmp_path_factory):
         save_model_files(
             root / f"base-{arch}", GPT(cfg), Config(model=cfg), root / "tokenizer.json"
         )
+    train_bpe([root / "corpus.txt"], 300, root / "tokenizer-bert.json",
+              special_tokens=[ENDOFTEXT, *BERT_TOKENS])
+    bert = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_heads=4, seq_len=48,
+                       vocab_size=300, make_vocab_size_divisible_by=1)
+    torch.manual_seed(1)
+    save_model_files(root / "base-bert", BERT(bert), Config(model=bert, task=TaskConfig(
+        name="mlm")), root / "tokenizer-bert.json")
     write_jsonl(root / "sft.jsonl", sft_records(24, seed=1))
     write_jsonl(root / "sft_valid.jsonl", sft_records(6, seed=2))
     write_jsonl(root / "chat.jsonl", chat_records(12, seed=3))

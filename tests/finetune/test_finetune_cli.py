@@ -77,3 +77,43 @@ def test_unseen_validation_label_and_non_jsonl_files(workdir, tmp_path, capsys):
     assert finetune(workdir, tmp_path / "out", "sft", text) == 2
     assert "notes.jsonl:2: not JSONL" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bert_classifier_finetunes_through_the_pooler_and_matches_transformers(workdir,
+                                                                               tmp_path):
+    """A masked-LM BERT base gets a fresh pooler and head; `megaloom evaluate` scores the
+    result as fine-tuning did, and the exported `BertForSequenceClassification` predicts the
+    same logits on `[CLS] text [SEP]` with padding."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.loading import load_model
+
+    out = tmp_path / "cls"
+    args = ["finetune", str(workdir / "base-bert"), "--task", "classify", "--data",
+            str(workdir / "cls.jsonl"), "--valid", str(workdir / "cls_valid.jsonl"),
+            "--out", str(out), *FAST, "task.epochs=4", "train.lr=3e-3"]
+    assert main(args) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["labels"] == ["green", "river", "stone"] and report["samples"] == 8
+    scored = tmp_path / "scored.json"
+    assert main(["evaluate", str(out), "--task", "classify", "--data",
+                 str(workdir / "cls_valid.jsonl"), "--json", str(scored)]) == 0
+    evaluated = json.loads(scored.read_text())
+    assert evaluated["accuracy"] == report["accuracy"]
+    assert "pooled [CLS]" in evaluated["protocol"]
+    assert main(["convert", "megaloom-to-hf", str(out), str(tmp_path / "hf")]) == 0
+    reference = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    model, config, tokenizer_path = load_model(out)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    cls, sep = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]"))
+    rows = [[cls, *tokenizer.encode(text), sep] for text in ("green stone", "a river of words")]
+    ids = torch.full((2, max(map(len, rows))), sep)
+    attend = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], attend[i, :len(row)] = torch.tensor(row), True
+    with torch.no_grad():
+        ours = model(ids, attn_mask=attend[:, None, None, :])
+        theirs = reference(input_ids=ids, attention_mask=attend.long()).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -2,7 +2,8 @@
 imported `*ForSequenceClassification`) on JSONL `text` + `label`, scored by scikit-learn.
 
 Texts are cut to `seq_len` (counted), padded on the right, and each row's label scores are read
-at its last real token, as in training. Labels must be among the model's own (`task.labels`).
+at its last real token, as in training (a BERT classifier reads `[CLS] text [SEP]` and pools
+its first token, padding masked). Labels must be among the model's own (`task.labels`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from megaloom.errors import DataError
 from megaloom.evaluate import metrics
+from megaloom.tasks.classify import Framing
 from megaloom.tasks.records import BadRecords, Record
 
 
@@ -32,19 +34,25 @@ def read_example(record: Record, labels: Sequence[str]) -> tuple[str, int]:
 @torch.inference_mode()
 def predict(model, rows: Sequence[list[int]], num_labels: int, batch_size: int,
             device: torch.device, progress: bool) -> list[int]:
-    """The argmax label of every row of token ids."""
+    """The argmax label of every row of (framed) token ids: a decoder's scores at the last
+    token, an encoder's pooled scores with the padding masked."""
     predicted = []
     for start in tqdm(range(0, len(rows), batch_size), desc="classify", unit="batch",
                       disable=None if progress else True):
         chunk = rows[start:start + batch_size]
         width = max(len(r) for r in chunk)
         tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        attend = torch.zeros(len(chunk), width, dtype=torch.bool)
         for i, row in enumerate(chunk):
             tokens[i, :len(row)] = torch.as_tensor(row)
-        scores = model(tokens.to(device))
-        last = torch.as_tensor([len(r) - 1 for r in chunk], device=scores.device)
-        pooled = scores[torch.arange(len(chunk), device=scores.device), last, :num_labels]
-        predicted.extend(pooled.float().argmax(-1).tolist())
+            attend[i, :len(row)] = True
+        if model.config.causal:
+            scores = model(tokens.to(device))
+            last = torch.as_tensor([len(r) - 1 for r in chunk], device=scores.device)
+            scores = scores[torch.arange(len(chunk), device=scores.device), last]
+        else:
+            scores = model(tokens.to(device), attn_mask=attend.to(device)[:, None, None, :])
+        predicted.extend(scores[:, :num_labels].float().argmax(-1).tolist())
     return predicted
 
 
@@ -53,17 +61,20 @@ def classify(model, tokenizer, labels: Sequence[str], records: Sequence[Record],
     examples = [e for e in (bad.check(read_example, r, labels) for r in records) if e]
     if not examples:
         raise DataError("no text left to classify")
+    framing = Framing.for_model(model.config, tokenizer)
     rows, truncated = [], 0
     for text, _ in examples:
         ids = tokenizer.encode(text)
         if not ids:
             raise DataError(f"a text encodes to no tokens: {text[:40]!r}")
-        truncated += len(ids) > seq_len
-        rows.append(ids[:seq_len])
+        row, cut = framing.frame(ids, seq_len)
+        truncated += cut
+        rows.append(row)
     predicted = predict(model, rows, len(labels), batch_size, device, progress)
     report = summary([label for _, label in examples], predicted, labels)
-    return {**report, "protocol": f"the classifier head at each text's last token; "
-                                  f"{report['protocol']}",
+    pooling = ("the pooled [CLS] token" if framing.encoder
+               else "the classifier head at each text's last token")
+    return {**report, "protocol": f"{pooling}; {report['protocol']}",
             "documents": len(examples), "truncated": truncated}
 
 

@@ -59,12 +59,15 @@ class Evaluation:
     def load(cls, args: argparse.Namespace) -> Evaluation:
         from megaloom.data.tokenizer import Tokenizer
         from megaloom.loading import load_for_inference
+        from megaloom.model.registry import family_of
 
         model, config, tokenizer_path, topo = load_for_inference(args.model, args.device)
         device = next(model.parameters()).device
         if config.model.num_labels and args.task != "classify":
             raise MegaloomError(f"{args.model} is a classifier; --task {args.task} needs a "
                                 "language model")
+        if not (config.model.num_labels and args.task == "classify"):
+            family_of(config.model).require_generation(f"megaloom evaluate --task {args.task}")
         if config.model.num_labels and (args.prompt or args.label_words):
             raise MegaloomError(f"{args.model} is a classifier: it predicts with its head, "
                                 "and --prompt/--label-words are for language models")

@@ -83,7 +83,8 @@ def apply_lora(model: nn.Module, topo: Topology, cfg: LoraConfig, seed: int,
                tracker: RNGTracker | None = None) -> None:
     """Freeze this rank's shard and give every targeted projection it holds an adapter."""
     for name, param in model.named_parameters():  # a classifier's new head stays trainable
-        param.requires_grad_(bool(model.config.num_labels) and name.startswith("lm_head."))
+        param.requires_grad_(bool(model.config.num_labels)
+                            and name.startswith(("lm_head.", "pooler.")))
     modules = dict(model.named_modules())
     has_gate = model.config.activation == "swiglu"
     found = 0

@@ -19,30 +19,39 @@ from pathlib import Path
 
 import torch
 
-from megaloom.config import Config, ConfigError
+from megaloom.config import Config, ConfigError, ModelConfig
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError, MegaloomError
 from megaloom.finetune.lora import apply_lora
 from megaloom.loading import open_weights, require_tokenizer
 from megaloom.model.init import Box
+from megaloom.model.registry import build_model
 from megaloom.parallel.build import InitSource, TensorSource
 from megaloom.tasks import EpochShuffled
-from megaloom.tasks.classify import ClassifyTask, load_classify_data, read_label_set
+from megaloom.tasks.classify import ClassifyTask, Framing, load_classify_data, read_label_set
 from megaloom.tasks.sft import SFTTask, load_sft_data
 from megaloom.train.run import Prepared
 
 log = logging.getLogger(__name__)
-HEAD = "lm_head.weight"
+HEAD = ("lm_head.weight", "lm_head.bias")
+
+
+def new_parameters(base: ModelConfig, classifier: ModelConfig) -> set[str]:
+    """Parameters of `classifier` that a language model `base` has no values for: the head,
+    and what the classifier adds (BERT's pooler)."""
+    with torch.device("meta"):
+        before, after = (set(build_model(c).state_dict()) for c in (base, classifier))
+    return (after - before) | (set(HEAD) & after)
 
 
 class NewHeadSource:
-    """The base's weights, except a classifier head the base does not have (fresh init)."""
+    """The base's weights, except the `fresh` parameters of a new classifier head."""
 
-    def __init__(self, base: TensorSource, fresh: TensorSource):
-        self.base, self.fresh = base, fresh
+    def __init__(self, base: TensorSource, fresh: TensorSource, fresh_names: set[str]):
+        self.base, self.fresh, self.fresh_names = base, fresh, fresh_names
 
     def read(self, name: str, shape: tuple[int, ...], box: Box) -> torch.Tensor:
-        return (self.fresh if name == HEAD else self.base).read(name, shape, box)
+        return (self.fresh if name in self.fresh_names else self.base).read(name, shape, box)
 
 
 class FinetunePreparation:
@@ -85,12 +94,14 @@ class FinetunePreparation:
                                     f"labels, the data has {len(labels)}")
             fresh_head = loaded.model.num_labels == 0
             config.model.num_labels = len(labels)
-            train = load_classify_data(train_file, task_cfg, labels, tokenizer, seq_len)
-            valid = (load_classify_data(valid_file, task_cfg, labels, tokenizer, seq_len)
-                     if valid_file else None)
+            framing = Framing.for_model(config.model, tokenizer, task_cfg.mlm)
+            train = load_classify_data(train_file, task_cfg, labels, tokenizer, seq_len, framing)
+            valid = (load_classify_data(valid_file, task_cfg, labels, tokenizer, seq_len,
+                                        framing) if valid_file else None)
             task = ClassifyTask(len(labels), task_cfg.class_weights)
             if fresh_head:
-                source = NewHeadSource(source, InitSource(config.model, config.train.seed))
+                source = NewHeadSource(source, InitSource(config.model, config.train.seed),
+                                       new_parameters(loaded.model, config.model))
         self.train, self.valid = train, valid
         log.info("%s", train.describe("train"))
         if valid is not None:

@@ -49,8 +49,8 @@ class Family:
     def require_generation(self, what: str) -> None:
         if not self.generates:
             raise MegaloomError(f"{what} needs a model that generates text; model.arch="
-                                f"{'/'.join(self.archs)} is an encoder (use megaloom evaluate "
-                                "or finetune --task classify with it)")
+                                f"{'/'.join(self.archs)} is an encoder (fine-tune it with "
+                                "megaloom finetune --task classify, evaluate --task classify)")
 
 
 def _no_extras(config: ModelConfig) -> ExtraParameters:

@@ -4,7 +4,8 @@ A record is `text` + `label` (any string). The label set is the sorted set of tr
 (stored with the model as `task.labels`; `model.num_labels` sizes the head). Each row is the
 text's tokens (cut to `seq_len`) padded with the end-of-text id; the model's head maps every
 position to label scores and the loss pools the scores at each row's last real token (by
-length, so pad == eos is harmless), as Hugging Face's `*ForSequenceClassification` do.
+length, so pad == eos is harmless), as Hugging Face's `*ForSequenceClassification` do; a
+BERT classifier reads `[CLS] text [SEP]` and pools the first token (`Framing`).
 Cross-entropy, optionally with class weights, is normalised by the summed weight of the
 rows (torch's weighted mean), so accumulation and dp never change it.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megaloom.config import TaskConfig
+from megaloom.config import MaskedLMConfig, ModelConfig, TaskConfig
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError
 from megaloom.parallel.loss import vocab_parallel_cross_entropy
@@ -26,6 +27,40 @@ from megaloom.parallel.mappings import gather_last
 from megaloom.parallel.topology import Axis
 from megaloom.tasks.base import stack
 from megaloom.tasks.records import read_records
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How a classifier reads a text: a decoder takes the ids and is pooled at the last real
+    token; an encoder (BERT) takes `[CLS] ids [SEP]`, pools the first token itself and masks
+    the padding out of its attention."""
+
+    cls: int | None = None
+    sep: int | None = None
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, tokenizer: Tokenizer,
+                  mlm: MaskedLMConfig | None = None) -> Framing:
+        if config.arch != "bert":
+            return cls()
+        mlm = mlm or MaskedLMConfig()
+        ids = [tokenizer.token_to_id(t) for t in (mlm.cls_token, mlm.sep_token)]
+        if None in ids:
+            missing = (mlm.cls_token, mlm.sep_token)[ids.index(None)]
+            raise DataError(f"the tokenizer {tokenizer.source} has no {missing} token, which "
+                            "a BERT classifier frames each text with (task.mlm.cls_token / "
+                            "sep_token name them)")
+        return cls(*ids)
+
+    @property
+    def encoder(self) -> bool:
+        return self.cls is not None
+
+    def frame(self, ids: list[int], seq_len: int) -> tuple[list[int], bool]:
+        """(the model's input ids, whether the text was cut to fit `seq_len`)."""
+        room = seq_len - 2 if self.encoder else seq_len
+        cut = ids[:room]
+        return ([self.cls, *cut, self.sep] if self.encoder else cut), len(ids) > room
 
 
 @dataclass
@@ -60,10 +95,11 @@ def _label(record, key: str) -> str:
 
 
 def load_classify_data(path: str | Path, cfg: TaskConfig, labels: Sequence[str],
-                       tokenizer: Tokenizer, seq_len: int) -> ClassifyData:
-    """Tokenised, padded rows of `path`; a label outside `labels` is an error."""
+                       tokenizer: Tokenizer, seq_len: int, framing: Framing = Framing()
+                       ) -> ClassifyData:
+    """Tokenised, framed, padded rows of `path`; a label outside `labels` is an error."""
     index = {label: i for i, label in enumerate(labels)}
-    pad = tokenizer.eod_id
+    pad = framing.sep if framing.encoder else tokenizer.eod_id
     rows, texts, targets, truncated = [], [], [], 0
     for record in read_records(path):
         text = record.text(cfg.text_field)
@@ -74,12 +110,14 @@ def load_classify_data(path: str | Path, cfg: TaskConfig, labels: Sequence[str],
         ids = tokenizer.encode(text)
         if not ids:
             raise DataError(f"{record.where}: the text encodes to no tokens")
-        truncated += len(ids) > seq_len
-        ids = ids[:seq_len]
+        ids, cut = framing.frame(ids, seq_len)
+        truncated += cut
         tokens = np.full(seq_len, pad, np.int64)
         tokens[:len(ids)] = ids
-        rows.append({"tokens": tokens, "last": np.int64(len(ids) - 1),
-                     "label": np.int64(index[label])})
+        row = {"tokens": tokens, "last": np.int64(len(ids) - 1), "label": np.int64(index[label])}
+        if framing.encoder:
+            row["attend"] = np.arange(seq_len) < len(ids)
+        rows.append(row)
         texts.append(text)
         targets.append(index[label])
     return ClassifyData(rows, texts, targets, truncated)
@@ -100,12 +138,18 @@ class ClassifyTask:
         labels = stack(samples, "label", device)
         weights = (torch.ones(len(samples), device=device) if self.class_weights is None
                    else self.class_weights.to(device)[labels])
-        return {"tokens": stack(samples, "tokens", device), "last": stack(samples, "last", device),
-                "labels": labels, "weights": weights}
+        batch = {"tokens": stack(samples, "tokens", device), "last": stack(samples, "last", device),
+                 "labels": labels, "weights": weights}
+        if "attend" in samples[0]:  # an encoder: padding is masked out of attention
+            batch["attn_mask"] = stack(samples, "attend", device, torch.bool)[:, None, None, :]
+        return batch
 
     @staticmethod
     def pooled(output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(batch, local labels) scores at each row's last real token."""
+        """(batch, local labels) scores at each row's last real token (an encoder's head has
+        pooled its first token already)."""
+        if output.dim() == 2:
+            return output
         rows = torch.arange(output.shape[0], device=output.device)
         return output[rows, batch["last"]]
 
