@@ -65,12 +65,32 @@ def _train(args: argparse.Namespace, config: Config) -> int:
         print(f"validation loss {result.val_loss:.4f} (perplexity "
               f"{min(2.718281828 ** result.val_loss, 1e12):.2f}) at step {result.step}")
     print(f"checkpoint: {result.checkpoint}")
-    if args.samples and not result.interrupted and family_of(config.model).generates:
-        print_samples(result.checkpoint, args.samples)
+    if args.samples and not result.interrupted:
+        if family_of(config.model).generates:
+            print_samples(result.checkpoint, args.samples)
+        elif config.task.name == "mlm":
+            print_fill_mask(result.checkpoint, args.samples)
     return 130 if result.interrupted else 0
 
 
 SAMPLE_PROMPTS = ("The", "In Python,", "def ")
+FILL_PROMPTS = ("Return a new [MASK] of the items.", "Import the [MASK] module first.",
+                "This function raises a [MASK] when the file is missing.")
+
+
+def print_fill_mask(checkpoint, count: int) -> None:
+    """Print an encoder's three likeliest tokens for the blank of a few sentences."""
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.infer.fill_mask import fill_mask
+    from megaloom.loading import load_model
+
+    model, config, tokenizer_path = load_model(checkpoint)
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    mlm = config.task.mlm
+    print("fill-mask:")
+    for prompt in (FILL_PROMPTS[i % len(FILL_PROMPTS)] for i in range(count)):
+        (best,) = fill_mask(model, tokenizer, prompt.replace("[MASK]", mlm.mask_token), 3, mlm)
+        print(f"--- {prompt!r}: " + ", ".join(f"{t!r} {p:.3f}" for t, p in best))
 
 
 def print_samples(checkpoint, count: int) -> None:

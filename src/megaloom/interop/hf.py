@@ -47,7 +47,7 @@ from megaloom.interop.weights import (
     normalize_hf_names,
 )
 from megaloom.model.gpt import GPT
-from megaloom.model.registry import build_model
+from megaloom.model.registry import build_model, family_of
 from megaloom.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def hf_model_config(hf_dir: str | Path) -> tuple[Config, Path | None]:
     hf = read_hf_config(hf_dir)
     model_config = model_config_from_hf(hf, source=str(hf_dir / "config.json"))
     task = (TaskConfig(name="classify", labels=hf_labels(hf)) if model_config.num_labels
-            else TaskConfig())
+            else TaskConfig(name=family_of(model_config).tasks[0]))  # its pretraining task
     return Config(model=model_config, task=task).validate(), find_tokenizer(hf_dir)
 
 
