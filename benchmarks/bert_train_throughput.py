@@ -11,12 +11,9 @@ clip + optimizer step. Timings alternate between the models after warm-up (`trai
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import machine_info, write_json
-from benchmarks.train_throughput import measure
+from benchmarks.train_throughput import measure, parse_arguments, report
 from megaloom.config import ModelConfig
 from megaloom.data.masking import IGNORE
 from megaloom.model.bert import BERT
@@ -60,17 +57,7 @@ def step_fn(model, is_hf, precision, batch):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--json", help="write results to this path")
-    args = parser.parse_args()
+    args = parse_arguments(__doc__)
 
     torch.manual_seed(0)
     ours, hf = build_pair(args)
@@ -88,18 +75,7 @@ def main() -> None:
     rates = measure(runs, args.warmup, args.steps, args.micro_batch * args.seq)
     ratios = {"fp32_vs_hf_fp32": rates["megaloom_fp32"] / rates["hf_fp32"],
               "bf16_vs_hf_bf16": rates["megaloom_bf16"] / rates["hf_bf16"]}
-    info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
-    print(f"BERT masked-LM: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq "
-          f"{args.seq}, micro-batch {args.micro_batch}, vocab {args.vocab}; {args.steps} timed "
-          "steps each")
-    for name, rate in rates.items():
-        print(f"  {name:<15} {rate:10.0f} tokens/s")
-    for name, ratio in ratios.items():
-        print(f"  ratio {name:<17} {ratio:6.2f}x")
-    write_json(args.json, {"machine": info, "args": vars(args), "tokens_per_s": rates,
-                           "ratios": ratios})
-
+    report(args, "BERT masked-LM", rates, ratios)
 
 if __name__ == "__main__":
     main()

@@ -69,8 +69,9 @@ def measure(steps_by_name, warmup, steps, tokens_per_step):
     return {name: tokens_per_step * steps / t for name, t in elapsed.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(doc: str) -> argparse.Namespace:
+    """The model shape and timing flags both training benchmarks take."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
@@ -80,7 +81,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--json", help="write results to this path")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def report(args: argparse.Namespace, title: str, rates: dict, ratios: dict) -> None:
+    """Print the machine, the shape, tokens/s and ratios; write them as JSON if asked."""
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
+    print(f"{title}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq "
+          f"{args.seq}, micro-batch {args.micro_batch}, vocab {args.vocab}; {args.steps} timed "
+          "steps each")
+    for name, rate in rates.items():
+        print(f"  {name:<15} {rate:10.0f} tokens/s")
+    for name, ratio in ratios.items():
+        print(f"  ratio {name:<17} {ratio:6.2f}x")
+    write_json(args.json, {"machine": info, "args": vars(args), "tokens_per_s": rates,
+                           "ratios": ratios})
+
+
+def main() -> None:
+    args = parse_arguments(__doc__)
 
     torch.manual_seed(0)
     ours, hf = build_pair(args)
@@ -98,16 +118,7 @@ def main() -> None:
         "bf16_vs_hf_fp32": rates["megaloom_bf16"] / rates["hf_fp32"],
         "bf16_vs_hf_bf16": rates["megaloom_bf16"] / rates["hf_bf16"],
     }
-    info = machine_info()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}")
-    print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, seq {args.seq},"
-          f" micro-batch {args.micro_batch}, vocab {args.vocab}; {args.steps} timed steps each")
-    for name, rate in rates.items():
-        print(f"  {name:<15} {rate:10.0f} tokens/s")
-    for name, ratio in ratios.items():
-        print(f"  ratio {name:<17} {ratio:6.2f}x")
-    write_json(args.json, {"machine": info, "args": vars(args), "tokens_per_s": rates,
-                           "ratios": ratios})
+    report(args, "model", rates, ratios)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import checks that every HF tensor is used exactly once and has the expected sha
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -23,20 +24,28 @@ import torch
 
 from megaloom.config import ModelConfig
 from megaloom.errors import CheckpointError
-from megaloom.interop import bert
+from megaloom.model.registry import family_of
 
 Pair = tuple[str, str, bool]  # (megaloom name, Hugging Face name, stored transposed in HF)
 
 # Buffers some HF checkpoints carry that hold no learned state.
 IGNORED_HF_TENSORS = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|\.rotary_emb\.inv_freq)$")
-HF_PREFIX = {"gpt2": "transformer.", "llama": "model.", "bert": bert.PREFIX}
-TOP_LEVEL = ("lm_head.weight", "score.weight", *bert.TOP_LEVEL)  # outside the base model
+HF_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+TOP_LEVEL = ("lm_head.weight", "score.weight")  # outside the base model
 VOCAB_ROWS = ("embed.weight", "lm_head.weight", "lm_head.bias")  # padded to padded_vocab_size
 
 
+def family_adapter(config: ModelConfig):
+    """The family's own tensor mapping module (`registry.Family.hf_adapter`: names, prefix,
+    ignored and aliased tensors), or None for the decoders, whose tables live here."""
+    name = family_of(config).hf_adapter
+    return importlib.import_module(name) if name else None
+
+
 def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
-    if config.arch == "bert":
-        return bert.layer_pairs(config, i)
+    adapter = family_adapter(config)
+    if adapter:
+        return adapter.layer_pairs(config, i)
     ours = f"layers.{i}."
     if config.arch == "gpt2":
         hf = f"transformer.h.{i}."
@@ -57,8 +66,9 @@ def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
 
 
 def _top_pairs(config: ModelConfig) -> list[Pair]:
-    if config.arch == "bert":
-        return bert.top_pairs(config)
+    adapter = family_adapter(config)
+    if adapter:
+        return adapter.top_pairs(config)
     if config.arch == "gpt2":
         pairs = [("embed.weight", "transformer.wte.weight", False),
                  ("pos_embed.weight", "transformer.wpe.weight", False),
@@ -81,8 +91,9 @@ def _all_pairs(config: ModelConfig) -> list[Pair]:
 
 
 def _qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
-    if config.arch == "bert":
-        return bert.qkv_hf_names(config, i, kind)
+    adapter = family_adapter(config)
+    if adapter:
+        return adapter.qkv_hf_names(config, i, kind)
     if config.arch == "gpt2":
         return [f"transformer.h.{i}.attn.c_attn.{kind}"]
     return [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
@@ -121,10 +132,12 @@ def normalize_hf_names(names: Iterable[str], config: ModelConfig) -> dict[str, s
     `model.` prefix that base-model checkpoints (`GPT2Model`, `LlamaModel`) lack, and drops
     stateless buffers."""
     names = list(names)
-    prefix = HF_PREFIX[config.arch]
+    adapter = family_adapter(config)
+    ignored = adapter.ignored(config) if adapter else ()
+    top_level = TOP_LEVEL + (adapter.TOP_LEVEL if adapter else ())
+    prefix = adapter.PREFIX if adapter else HF_PREFIX[config.arch]
     bare = not any(name.startswith(prefix) for name in names)
-    ignored = bert.ignored(config) if config.arch == "bert" else ()
-    return {(prefix + name if bare and not name.startswith(TOP_LEVEL) else name): name
+    return {(prefix + name if bare and not name.startswith(top_level) else name): name
             for name in names
             if not IGNORED_HF_TENSORS.search(name) and (prefix + name if bare else name)
             not in ignored}
@@ -177,7 +190,8 @@ def hf_to_megaloom(hf: Mapping[str, torch.Tensor], config: ModelConfig,
     from the target model (a tied `lm_head.weight` left out or not); every HF tensor must be
     used and every shape must match."""
     original = normalize_hf_names(hf, config)
-    head_name = bert.TIED_HEAD if config.arch == "bert" else "lm_head.weight"
+    adapter = family_adapter(config)
+    head_name = adapter.TIED_HEAD if adapter else "lm_head.weight"
     if config.tied_head and head_name in original:
         head = hf[original.pop(head_name)]
         embed_name = _top_pairs(config)[0][1]
@@ -209,7 +223,8 @@ def iter_megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """`megaloom_to_hf` one HF tensor at a time, reading each megaloom tensor when it is
     needed, so a lazy `state` (`checkpoint.LazyState`) converts in bounded memory."""
-    aliases = dict(bert.export_aliases(config)) if config.arch == "bert" else {}
+    adapter = family_adapter(config)
+    aliases = dict(adapter.export_aliases(config)) if adapter else {}
     for ours, theirs, transposed in _all_pairs(config):
         tensor = state[ours]
         if ours in VOCAB_ROWS and not (config.num_labels and ours.startswith("lm_head.")):

@@ -36,7 +36,7 @@ class Family:
     name: str
     archs: tuple[str, ...]
     model_class: str  # "module:Class"
-    hf_adapter: str  # module with the Hugging Face mapping
+    hf_adapter: str | None  # its Hugging Face tensor mapping (None: interop.weights' tables)
     tasks: tuple[str, ...]
     generates: bool
     extra_parameters: Callable[[ModelConfig], ExtraParameters]
@@ -79,7 +79,7 @@ def register(family: Family) -> None:
         FAMILIES[arch] = family
 
 
-register(Family("gpt", ("gpt2", "llama"), "megaloom.model.gpt:GPT", "megaloom.interop.weights",
+register(Family("gpt", ("gpt2", "llama"), "megaloom.model.gpt:GPT", None,
                 ("lm", "distill", "sft", "classify"), True, _no_extras))
 register(Family("bert", ("bert",), "megaloom.model.bert:BERT", "megaloom.interop.bert",
                 ("mlm", "classify"), False, _bert_extras))
