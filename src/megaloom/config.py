@@ -47,19 +47,34 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         norm_position="post",
         causal=False,
     ),
+    "t5": dict(
+        position_embedding="relative",
+        norm="rmsnorm",
+        activation="relu",
+        bias=False,
+        tie_embeddings=True,
+        causal=False,
+    ),
 }
+GATED_ACTIVATIONS = ("swiglu", "geglu")  # MLPs with a gate projection beside `up`
 FLAVOUR_DEFAULTS: dict[str, Any] = {"norm_position": "pre", "causal": True}
 
 
 @dataclass
 class ModelConfig:
-    """Shape and flavour of a model: a GPT decoder or a BERT encoder.
+    """Shape and flavour of a model: a GPT decoder, a BERT encoder or a T5 encoder-decoder.
 
     `arch` picks the family (`megaloom.model.registry`) and fills every flavour field left as
     None: `gpt2` (learned positions, LayerNorm, GELU, biases, tied embeddings), `llama` (RoPE,
     RMSNorm, SwiGLU, no biases, untied) or `bert` (a bidirectional encoder: learned positions
     and `type_vocab_size` token types, LayerNorm after each residual add (`norm_position:
     post`, Hugging Face `BertForMaskedLM`; `pre` is Megatron's BERT), erf GELU, tied LM head).
+    `t5` is an encoder of `num_layers` and a decoder of `decoder_layers` (default the same)
+    with cross-attention, T5's relative position buckets (`relative_buckets`,
+    `relative_max_distance`), bias-free RMSNorm and a ReLU MLP (v1.0; `activation: geglu` is
+    v1.1's gated GELU); `scale_decoder_output` multiplies the decoder output by hidden^-0.5
+    before the head (v1.0), `decoder_start_id` is the token the decoder starts from (T5: pad
+    = 0), and `decoder_seq_len` bounds the decoder's length in generation.
     `binary_head` adds BERT's sentence-order head on the pooled first token.
     `num_labels` > 0 makes a sequence classifier: the head maps the hidden state to that many
     label scores (never tied to the embedding) instead of to the vocabulary.
@@ -67,8 +82,9 @@ class ModelConfig:
     shape then comes from that checkpoint and only `dropout` is taken from this config.
     """
 
-    arch: Literal["gpt2", "llama", "bert"] = "gpt2"
+    arch: Literal["gpt2", "llama", "bert", "t5"] = "gpt2"
     num_layers: int = 4
+    decoder_layers: int | None = None  # t5 only (default: num_layers)
     hidden_size: int = 256
     num_heads: int = 4
     num_kv_heads: int | None = None
@@ -81,9 +97,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
-    position_embedding: Literal["learned", "rope"] | None = None
+    position_embedding: Literal["learned", "rope", "relative"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    activation: Literal["gelu_tanh", "gelu", "swiglu"] | None = None
+    activation: Literal["gelu_tanh", "gelu", "swiglu", "relu", "geglu"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
     norm_position: Literal["pre", "post"] | None = None
@@ -91,6 +107,11 @@ class ModelConfig:
     type_vocab_size: int = 0  # token types (BERT segments); 0: none
     binary_head: bool = False
     num_labels: int = 0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_decoder_output: bool | None = None
+    decoder_start_id: int = 0
+    decoder_seq_len: int | None = None
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +120,12 @@ class ModelConfig:
                 setattr(self, name, value)
         if self.arch == "bert" and not self.type_vocab_size:
             self.type_vocab_size = 2
+        if self.arch == "t5":
+            for name, value in (("decoder_layers", self.num_layers),
+                                ("decoder_seq_len", self.seq_len),
+                                ("scale_decoder_output", bool(self.tie_embeddings))):
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0:
@@ -110,6 +137,16 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         multiple = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Scale of attention scores: None is 1/sqrt(head_dim); T5 does not scale them."""
+        return 1.0 if self.arch == "t5" else None
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer layers of the whole model: encoder plus decoder layers for T5."""
+        return self.num_layers + (self.decoder_layers or 0)
 
     @property
     def tied_head(self) -> bool:
@@ -153,16 +190,45 @@ class ModelConfig:
         _require(self.init_std > 0, "model.init_std", "must be > 0")
         _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
         _require(self.type_vocab_size >= 0, "model.type_vocab_size", "must be >= 0")
-        encoder = self.arch == "bert"
+        encoder, t5 = self.arch == "bert", self.arch == "t5"
         _require(not (encoder and self.causal), "model.causal", "a BERT encoder attends both "
                  "ways; model.causal=true is only for decoders (model.arch=gpt2 or llama)")
-        _require(encoder or self.causal, "model.causal", f"model.arch={self.arch} is a "
+        _require(not (t5 and self.causal), "model.causal", "T5's encoder attends both ways "
+                 "and its decoder is always causal; model.causal is for model.arch=gpt2/llama")
+        _require(encoder or t5 or self.causal, "model.causal", f"model.arch={self.arch} is a "
                  "decoder and must be causal (a bidirectional encoder is model.arch=bert)")
-        _require(not (encoder and self.activation == "swiglu"), "model.activation",
-                 "model.arch=bert uses a GELU MLP ('gelu' or 'gelu_tanh'), not 'swiglu'")
+        _require(not (encoder and self.activation not in ("gelu", "gelu_tanh")),
+                 "model.activation",
+                 f"model.arch=bert uses a GELU MLP ('gelu' or 'gelu_tanh'), not "
+                 f"{self.activation!r}")
+        _require(t5 or self.activation not in ("relu", "geglu"), "model.activation",
+                 f"{self.activation!r} is T5's MLP (model.arch=t5); decoders use 'gelu', "
+                 "'gelu_tanh' or 'swiglu'")
+        _require((self.position_embedding == "relative") == t5, "model.position_embedding",
+                 "relative position buckets are T5's (model.arch=t5), which has no other")
+        _require(not t5 or (self.norm == "rmsnorm" and not self.bias), "model.norm",
+                 "model.arch=t5 uses bias-free RMSNorm (model.norm=rmsnorm, model.bias=false)")
         _require(encoder or self.norm_position == "pre", "model.norm_position",
                  f"model.arch={self.arch} puts norms before each sublayer ('pre'); "
                  "'post' is for model.arch=bert")
+        _require(t5 or not (self.decoder_layers or self.decoder_seq_len
+                            or self.scale_decoder_output), "model.decoder_layers",
+                 "decoder_layers, decoder_seq_len and scale_decoder_output belong to "
+                 "model.arch=t5")
+        if t5:
+            _require(self.decoder_layers >= 1, "model.decoder_layers", "must be >= 1")
+            _require(self.decoder_seq_len >= 1, "model.decoder_seq_len", "must be >= 1")
+            _require(self.relative_buckets >= 4 and self.relative_buckets % 2 == 0,
+                     "model.relative_buckets", "must be an even number >= 4")
+            _require(self.relative_max_distance > self.relative_buckets // 2,
+                     "model.relative_max_distance", "must exceed half of model.relative_buckets")
+            _require(self.num_kv_heads == self.num_heads, "model.num_kv_heads",
+                     "T5 has no grouped-query attention (num_kv_heads = num_heads)")
+            _require(not self.num_labels, "model.num_labels",
+                     "T5 classifies as text to text (megaloom finetune --task sft); "
+                     "num_labels is for the GPT and BERT families")
+            _require(0 <= self.decoder_start_id < self.vocab_size, "model.decoder_start_id",
+                     f"must be a token id below model.vocab_size={self.vocab_size}")
         _require(encoder or not (self.type_vocab_size or self.binary_head),
                  "model.type_vocab_size" if self.type_vocab_size else "model.binary_head",
                  "token types and the sentence-order head belong to model.arch=bert")
@@ -172,7 +238,8 @@ class ModelConfig:
 
 
 def default_ffn_hidden_size(hidden_size: int, activation: str) -> int:
-    """4h for GELU; for SwiGLU 2/3 of 4h rounded up to a multiple of 256 (Llama's rule)."""
+    """4h for GELU, ReLU and GEGLU; for SwiGLU 2/3 of 4h rounded up to a multiple of 256
+    (Llama's rule)."""
     if activation != "swiglu":
         return 4 * hidden_size
     size = int(2 * 4 * hidden_size / 3)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaloom.config import Config, LoraConfig
+from megaloom.config import Config, GATED_ACTIVATIONS, LoraConfig
 from megaloom.model.init import Box, initial_values
 from megaloom.parallel.layers import (
     ColumnParallelLinear,
@@ -86,7 +86,7 @@ def apply_lora(model: nn.Module, topo: Topology, cfg: LoraConfig, seed: int,
         param.requires_grad_(bool(model.config.num_labels)
                             and name.startswith(("lm_head.", "pooler.")))
     modules = dict(model.named_modules())
-    has_gate = model.config.activation == "swiglu"
+    has_gate = model.config.activation in GATED_ACTIVATIONS
     found = 0
     for name in target_names(cfg, model.config.num_layers, has_gate):
         module = modules.get(name)
@@ -139,7 +139,7 @@ class MergedSource:
         model = config.model
         self.scale = scale(cfg)
         self.targets = {f"{n}.weight": n for n in target_names(
-            cfg, model.num_layers, model.activation == "swiglu")}
+            cfg, model.num_layers, model.activation in GATED_ACTIVATIONS)}
 
     def read(self, name: str, shape: tuple[int, ...], box: Box) -> torch.Tensor:
         values = self.checkpoint.read(name, shape, box)

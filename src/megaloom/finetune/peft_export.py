@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megaloom.config import Config
+from megaloom.config import Config, GATED_ACTIVATIONS
 from megaloom.errors import MegaloomError
 from megaloom.finetune.lora import target_names
 from megaloom.interop.weights import split_qkv
@@ -62,7 +62,7 @@ def export_peft(spec: str | Path, out_dir: str | Path) -> Path:
     store = checkpoint.store
     tensors, modules = {}, []
     for module in target_names(lora, config.model.num_layers,
-                               config.model.activation == "swiglu"):
+                               config.model.activation in GATED_ACTIVATIONS):
         a, b = store.read(f"{module}.lora_A"), store.read(f"{module}.lora_B")
         for name, hf_a, hf_b in hf_adapters(module, a, b, config):
             tensors[f"{PREFIX}{name}.lora_A.weight"] = hf_a.clone()  # q, k, v share A

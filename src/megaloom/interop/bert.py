@@ -161,6 +161,7 @@ def all_pairs(config: ModelConfig) -> list[Pair]:
                                 for p in layer_pairs(config, i)]
 
 
-def qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
+def qkv_hf_names(config: ModelConfig, i: int, kind: str, stack: str = "layers") -> list[str]:
+    """HF names of encoder layer `i`'s q, k and v (BERT has one stack)."""
     return [f"bert.encoder.layer.{i}.attention.self.{p}.{kind}"
             for p in ("query", "key", "value")]

@@ -20,7 +20,7 @@ import torch
 
 from megaloom.config import ModelConfig
 from megaloom.errors import CheckpointError, MegaloomError
-from megaloom.interop import bert
+from megaloom.interop import bert, t5
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,8 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     arch = hf.get("model_type")
     if arch in bert.MODEL_TYPES:
         return _bert_fields(hf, source)
+    if arch in t5.MODEL_TYPES:
+        return _family_fields(lambda: t5.model_config_from_hf(hf), source)
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(f"{source}: model_type={arch!r} is not supported "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
@@ -114,8 +116,14 @@ def _bert_fields(hf: dict[str, Any], source: str) -> ModelConfig:
             raise UnsupportedModelError(
                 f"{source}: architectures={name!r} is not supported for {hf['model_type']} "
                 f"(supported: {', '.join(sorted(names.values()))})")
+    return _family_fields(lambda: bert.model_config_from_hf(hf, source, len(hf_labels(hf))),
+                          source)
+
+
+def _family_fields(convert, source: str) -> ModelConfig:
+    """A family adapter's config conversion, validated, its errors naming `source`."""
     try:
-        config = bert.model_config_from_hf(hf, source, len(hf_labels(hf)))
+        config = convert()
         config.validate()
     except KeyError as exc:
         raise CheckpointError(f"{source}: missing field {exc}") from exc
@@ -230,9 +238,10 @@ def hf_config_from_model(
         dtype=str(dtype).removeprefix("torch."),
         torch_dtype=str(dtype).removeprefix("torch."),
     )
-    if arch == "bert":
+    if arch in ("bert", "t5"):
+        adapter = bert if arch == "bert" else t5
         try:
-            hf = bert.hf_config_from_model(config, common)
+            hf = adapter.hf_config_from_model(config, common)
         except ValueError as exc:
             raise UnsupportedModelError(str(exc)) from exc
         return _with_labels(config, labels, hf)

@@ -43,9 +43,6 @@ def family_adapter(config: ModelConfig):
 
 
 def _layer_pairs(config: ModelConfig, i: int) -> list[Pair]:
-    adapter = family_adapter(config)
-    if adapter:
-        return adapter.layer_pairs(config, i)
     ours = f"layers.{i}."
     if config.arch == "gpt2":
         hf = f"transformer.h.{i}."
@@ -86,14 +83,24 @@ def _top_pairs(config: ModelConfig) -> list[Pair]:
 
 def _all_pairs(config: ModelConfig) -> list[Pair]:
     """Every one-to-one tensor (all but the fused qkv)."""
+    adapter = family_adapter(config)
+    if adapter:
+        return adapter.all_pairs(config)
     return _top_pairs(config) + [p for i in range(config.num_layers)
                                  for p in _layer_pairs(config, i)]
 
 
-def _qkv_hf_names(config: ModelConfig, i: int, kind: str) -> list[str]:
+def _qkv_layers(config: ModelConfig) -> list[tuple[str, int]]:
+    """(stack, index) of every layer with a fused self-attention `qkv`: `layers`, and T5's
+    `decoder_layers`."""
+    return ([("layers", i) for i in range(config.num_layers)]
+            + [("decoder_layers", i) for i in range(config.decoder_layers or 0)])
+
+
+def _qkv_hf_names(config: ModelConfig, i: int, kind: str, stack: str = "layers") -> list[str]:
     adapter = family_adapter(config)
     if adapter:
-        return adapter.qkv_hf_names(config, i, kind)
+        return adapter.qkv_hf_names(config, i, kind, stack)
     if config.arch == "gpt2":
         return [f"transformer.h.{i}.attn.c_attn.{kind}"]
     return [f"model.layers.{i}.self_attn.{p}_proj.{kind}" for p in ("q", "k", "v")]
@@ -145,9 +152,9 @@ def normalize_hf_names(names: Iterable[str], config: ModelConfig) -> dict[str, s
 
 def hf_sources(name: str, config: ModelConfig) -> list[str]:
     """The HF tensors (normalized names) megaloom parameter `name` is made from."""
-    match = re.fullmatch(r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+    match = re.fullmatch(r"((?:decoder_)?layers)\.(\d+)\.attn\.qkv\.(weight|bias)", name)
     if match:
-        return _qkv_hf_names(config, int(match.group(1)), match.group(2))
+        return _qkv_hf_names(config, int(match.group(2)), match.group(3), match.group(1))
     pairs = {ours: theirs for ours, theirs, _ in _all_pairs(config)}
     if name not in pairs:
         raise CheckpointError(f"megaloom parameter {name!r} has no Hugging Face counterpart")
@@ -231,10 +238,10 @@ def iter_megaloom_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig
             tensor = tensor[: config.vocab_size]
         yield theirs, (tensor.t() if transposed else tensor)
         yield from ((alias, tensor) for alias, source in aliases.items() if source == theirs)
-    for i in range(config.num_layers):
+    for stack, i in _qkv_layers(config):
         for kind in _qkv_kinds(config):
-            q, k, v = split_qkv(state[f"layers.{i}.attn.qkv.{kind}"], config)
-            names = _qkv_hf_names(config, i, kind)
+            q, k, v = split_qkv(state[f"{stack}.{i}.attn.qkv.{kind}"], config)
+            names = _qkv_hf_names(config, i, kind, stack)
             if config.arch == "gpt2":
                 fused = torch.cat([q, k, v])
                 yield names[0], (fused.t() if kind == "weight" else fused)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megaloom.config import ModelConfig
+from megaloom.config import GATED_ACTIVATIONS, ModelConfig
 from megaloom.model.init import initial_values
 
 
@@ -77,6 +77,7 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
+        self.scale = config.attention_scale
         qkv_width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv = nn.Linear(config.hidden_size, qkv_width, bias=config.bias)
         self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size,
@@ -107,6 +108,7 @@ class Attention(nn.Module):
             attn_mask=ctx.attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=ctx.attn_mask is None and ctx.causal,
+            scale=self.scale,
             enable_gqa=q_per_kv > 1,
         )
         out = out.transpose(1, 2).reshape(batch, seq, -1)
@@ -114,7 +116,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (`down(gelu(up(x)))`) or SwiGLU (`down(silu(gate(x)) * up(x))`)."""
+    """`down(act(up(x)))` with GELU or ReLU (T5 v1.0), or gated: SwiGLU
+    (`down(silu(gate(x)) * up(x))`) and GEGLU (tanh GELU on the gate, T5 v1.1)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -122,14 +125,18 @@ class MLP(nn.Module):
         self.up = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
         self.gate = (
             nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=config.bias)
-            if config.activation == "swiglu"
+            if config.activation in GATED_ACTIVATIONS
             else None
         )
         self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None:
+        if self.activation == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
+        if self.activation == "geglu":
+            return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+        if self.activation == "relu":
+            return self.down(F.relu(self.up(x)))
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
         return self.down(F.gelu(self.up(x), approximate=approximate))
 
@@ -219,6 +226,18 @@ class GPT(nn.Module):
             param.copy_(initial_values(name, param.shape, self.config, seed))
 
     # ------------------------------------------------------------------ forward
+
+    @staticmethod
+    def stage_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The forward's arguments beside the token ids, from a task's micro-batch: its
+        `positions` (packed samples; default 0..seq-1), `attn_mask` (default: the model's own
+        attention, causal for a decoder) and `token_types` (BERT's segments)."""
+        positions = batch.get("positions")
+        if positions is None:
+            tokens = batch["tokens"]
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+        return {"positions": positions, "attn_mask": batch.get("attn_mask"), **extra}
 
     def forward(
         self,

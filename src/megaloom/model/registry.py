@@ -1,4 +1,4 @@
-"""The model registry: one entry per family (GPT decoders, BERT encoders), so the checkpoint
+"""The model registry: one entry per family (GPT decoders, BERT encoders, T5 encoder-decoders), so the checkpoint
 reader, `parallelize`, the planner, Hugging Face interop and the commands ask the family
 instead of naming a model class.
 
@@ -71,6 +71,19 @@ def _bert_extras(config: ModelConfig) -> ExtraParameters:
                            config.padded_vocab_size)
 
 
+def _t5_extras(config: ModelConfig) -> ExtraParameters:
+    """The decoder stack (its layers with cross-attention: q, k, v, output and a norm), the
+    two relative-position tables (sharded over heads) and the encoder's final norm. T5 has
+    no pipeline split, so everything counts on the one stage."""
+    h, inner = config.hidden_size, config.num_heads * config.head_dim
+    from megaloom.plan.params import layer_parameters  # the plain decoder layer's closed form
+
+    layer = layer_parameters(config)
+    sharded = config.decoder_layers * (layer.sharded + 4 * h * inner)
+    replicated = config.decoder_layers * (layer.replicated + h) + h
+    return ExtraParameters(0, replicated, sharded + 2 * config.relative_buckets * config.num_heads)
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -83,6 +96,8 @@ register(Family("gpt", ("gpt2", "llama"), "megaloom.model.gpt:GPT", None,
                 ("lm", "distill", "sft", "classify"), True, _no_extras))
 register(Family("bert", ("bert",), "megaloom.model.bert:BERT", "megaloom.interop.bert",
                 ("mlm", "classify"), False, _bert_extras))
+register(Family("t5", ("t5",), "megaloom.model.t5:T5", "megaloom.interop.t5",
+                ("span", "sft"), True, _t5_extras))
 
 
 def family_of(config: ModelConfig | str) -> Family:

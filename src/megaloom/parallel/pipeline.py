@@ -76,15 +76,9 @@ class _P2P:
 
 
 def stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
-    """One stage's forward of a micro-batch: the batch's own `positions` and `attn_mask` when
-    its task gives them (packed samples, padding), else 0.. seq-1 and the model's default
-    attention (causal for a decoder); `token_types` when the task has segments (BERT)."""
-    positions = batch.get("positions")
-    if positions is None:
-        tokens = batch["tokens"]
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-    extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
-    return model(inputs, positions=positions, attn_mask=batch.get("attn_mask"), **extra)
+    """One stage's forward of a micro-batch: `inputs` (ids, or the previous stage's hidden
+    states) and the arguments the model's family takes from the batch (`stage_inputs`)."""
+    return model(inputs, **model.stage_inputs(batch))
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megaloom.config import ModelConfig
+from megaloom.config import GATED_ACTIVATIONS, ModelConfig
 from megaloom.plan.layout import Layout
 from megaloom.plan.params import StageParams, parameters_per_gpu
 
@@ -61,7 +61,7 @@ class ActivationCoefficients:
 def activation_coefficients(model: ModelConfig) -> ActivationCoefficients:
     kv_ratio = model.num_kv_heads / model.num_heads
     mlp_width = model.ffn_hidden_size / model.hidden_size
-    mlp = (8 if model.activation == "swiglu" else 4) * mlp_width
+    mlp = (8 if model.activation in GATED_ACTIVATIONS else 4) * mlp_width
     return ActivationCoefficients(replicated=10.0, sharded=4 + 4 * kv_ratio + mlp)
 
 

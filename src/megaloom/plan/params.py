@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from megaloom.config import ModelConfig
+from megaloom.config import GATED_ACTIVATIONS, ModelConfig
 from megaloom.layout_rules import rank_layers
 from megaloom.model.registry import family_of
 
@@ -69,7 +69,7 @@ def norm_parameters(model: ModelConfig) -> int:
 def layer_parameters(model: ModelConfig) -> LayerParams:
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     qkv_width = (model.num_heads + 2 * model.num_kv_heads) * d
-    mlp_inputs = 2 if model.activation == "swiglu" else 1  # up (+ gate)
+    mlp_inputs = 2 if model.activation in GATED_ACTIVATIONS else 1  # up (+ gate)
     bias = 1 if model.bias else 0
     sharded = (
         h * qkv_width + bias * qkv_width  # qkv: column parallel
