@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megaloom.config import Config, GATED_ACTIVATIONS, LoraConfig
+from megaloom.config import GATED_ACTIVATIONS, Config, LoraConfig
 from megaloom.model.init import Box, initial_values
 from megaloom.parallel.layers import (
     ColumnParallelLinear,

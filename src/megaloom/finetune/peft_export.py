@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megaloom.config import Config, GATED_ACTIVATIONS
+from megaloom.config import GATED_ACTIVATIONS, Config
 from megaloom.errors import MegaloomError
 from megaloom.finetune.lora import target_names
 from megaloom.interop.weights import split_qkv

@@ -1,6 +1,6 @@
-"""The model registry: one entry per family (GPT decoders, BERT encoders, T5 encoder-decoders), so the checkpoint
-reader, `parallelize`, the planner, Hugging Face interop and the commands ask the family
-instead of naming a model class.
+"""The model registry: one entry per family (GPT decoders, BERT encoders, T5
+encoder-decoders), so the checkpoint reader, `parallelize`, the planner, Hugging Face interop
+and the commands ask the family instead of naming a model class.
 
 A `Family` says which `model.arch` values it covers, how to build its module (imported only
 when built, so the planner and the CLI stay free of torch), its Hugging Face adapter module
