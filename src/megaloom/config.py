@@ -455,10 +455,30 @@ class MaskedLMConfig:
 
 
 @dataclass
+class SpanCorruptionConfig:
+    """T5's span corruption (`task.name=span`): `density` of each window's tokens are hidden
+    in spans of mean length `mean_span`; each span becomes one sentinel (`<extra_id_i>`, the
+    tokenizer holds `sentinels` of them) in the encoder input, and the decoder writes each
+    sentinel followed by the tokens it hides. Windows are sized so the encoder input is
+    `model.seq_len` tokens."""
+
+    density: float = 0.15
+    mean_span: float = 3.0
+    sentinels: int = 100
+
+    def validate(self) -> None:
+        _require(0 < self.density < 1, "task.span.density", "must be in (0, 1)")
+        _require(self.mean_span >= 1, "task.span.mean_span", "must be >= 1")
+        _require(self.sentinels >= 1, "task.span.sentinels", "must be >= 1")
+        _require_finite(self, "task.span")
+
+
+@dataclass
 class TaskConfig:
     """What the trainer optimises. `lm`: next-token pretraining on `data.prefixes`.
     `distill`: the same data, learning the `distill.teacher`'s distributions. `mlm`: BERT's
-    masked-LM (and sentence-order) pretraining on the same data (`mlm`). `sft`:
+    masked-LM (and sentence-order) pretraining on the same data (`mlm`). `span`: T5's span
+corruption on the same data (`span`). `sft`:
     supervised fine-tuning on JSONL `prompt_field`/`response_field` pairs or chat
     `messages_field` lists (loss on the response and its end token only). `classify`: a
     sequence classifier on JSONL `text_field`/`label_field` (`labels` is filled from the
@@ -472,7 +492,7 @@ class TaskConfig:
     prompt loses its start) or are an error (`reject`). `epochs` sets `train.max_steps`.
     """
 
-    name: Literal["lm", "distill", "sft", "classify", "mlm"] = "lm"
+    name: Literal["lm", "distill", "sft", "classify", "mlm", "span"] = "lm"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
@@ -489,11 +509,13 @@ class TaskConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     mlm: MaskedLMConfig = field(default_factory=MaskedLMConfig)
+    span: SpanCorruptionConfig = field(default_factory=SpanCorruptionConfig)
 
     def validate(self) -> None:
         self.lora.validate()
         self.distill.validate()
         self.mlm.validate()
+        self.span.validate()
         _require(self.name != "distill" or self.distill.teacher is not None,
                  "task.distill.teacher", "is required with task.name=distill (a run, "
                  "checkpoint or hf:DIR)")

@@ -72,6 +72,10 @@ def layout_problems(model: ModelConfig, spec: LayoutSpec) -> list[tuple[str, str
         problems.append(("parallel.sequence_parallel", "parallel.sequence_parallel is not "
                          "supported with a pooled head (BERT's classifier or model.binary_head:"
                          " the first token lives on one sequence shard); turn it off"))
+    if model.arch == "t5" and pp > 1:
+        problems.append(("parallel.pp", "parallel.pp > 1 is not supported for model.arch=t5 "
+                         "(its decoder needs the encoder output on every stage); split it "
+                         "with parallel.tp and data parallelism"))
     if model.num_layers < pp * vpp:
         problems.append(("model.num_layers", f"model.num_layers={model.num_layers} is smaller "
                          f"than parallel.pp x parallel.vpp = {pp} x {vpp}"))

@@ -7,7 +7,9 @@ token (one batched decode forward with a per-row key mask, since rows sit at dif
 lengths), and retires finished or cancelled ones, so requests join and leave the batch at
 every step. `generate()` is the blocking loop over `step()`; the HTTP server drives `step()`
 itself. Sampling lives in `megaloom.infer.sampling`, text and stop strings in
-`megaloom.infer.stop`, the cache in `megaloom.infer.kv_cache`.
+`megaloom.infer.stop`, the caches and the family's forward calls in `megaloom.infer.runners`
+(a decoder-only prompt is prefilled into the cache; an encoder-decoder's prompt is encoded and
+its decoder starts from the start token).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from megaloom.infer.head import LogitsHead, PackedHead, packing_supported
-from megaloom.infer.kv_cache import KVCache
 from megaloom.infer.params import SamplingError, SamplingParams
+from megaloom.infer.runners import make_runner
 from megaloom.infer.sampling import BatchSampler, StepSample, token_logprobs
 from megaloom.infer.stop import TextStream
 from megaloom.model.gpt import GPT
@@ -128,7 +130,7 @@ class _Sequence:
 
     def __init__(self, output: RequestOutput, index: int, request: Request,
                  stream: TextStream | None, generator: torch.Generator | None,
-                 stop_ids: frozenset[int]):
+                 stop_ids: frozenset[int], offset: int):
         self.output = output
         self.completion = output.completions[index]
         self.params = output.params
@@ -138,13 +140,15 @@ class _Sequence:
         self.stream = stream
         self.generator = generator
         self.stop_ids = stop_ids
+        self.offset = offset  # decoder positions before the first generated token
         self.slot = -1
         self.cancelled = False
         self.number = next(self._numbers)
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Decoder positions so far (the cache length once the last token is fed back)."""
+        return self.offset + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
@@ -152,10 +156,11 @@ class _Sequence:
 
 
 class Engine:
-    """Batched, KV-cached generation on one `GPT` (either flavour, any device).
+    """Batched, KV-cached generation on one `GPT` (either flavour) or `T5`, on any device.
 
     `max_batch_size` is the number of cache slots (sequences decoded together); prompts plus
-    completions are limited to the model's `seq_len`. `tokenizer` (anything with `encode`,
+    completions are limited to the model's `seq_len` (T5: prompts to `seq_len`, completions
+    to `decoder_seq_len`). `tokenizer` (anything with `encode`,
     `decode` and optionally `eod_id`) is needed for text prompts, text output and stop strings.
     `packed_head` (default: on CPU where the torch build can) applies the output head with
     `megaloom.infer.head.PackedHead`: prepacked weights, and on CPUs with native bf16 a
@@ -197,13 +202,13 @@ class Engine:
             self.model = model
         self.tokenizer = tokenizer
         self.vocab_size = config.vocab_size
-        self.max_len = config.seq_len
         self.device = param.device
+        self.slots = max_batch_size
         self.eod_id = getattr(tokenizer, "eod_id", None) if tokenizer is not None else None
         with torch.inference_mode():
-            kv_heads = getattr(model, "local_kv_heads", config.num_kv_heads)  # tp: a share
-            self.cache = KVCache(config.num_layers, max_batch_size, kv_heads,
-                                 self.max_len, config.head_dim, param.dtype, self.device)
+            self.runner = make_runner(self.model, max_batch_size, param.dtype, self.device)
+            self.max_len = self.runner.max_len
+            self._rows = torch.arange(max_batch_size, device=self.device)
             self._tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
             self._positions = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
             self._valid = torch.zeros(max_batch_size, self.max_len, dtype=torch.bool,
@@ -220,6 +225,9 @@ class Engine:
         """Validate and queue a request; it joins the batch at the next `step()`."""
         params = request.params.validate().for_vocabulary(self.vocab_size)
         prompt_ids = self._prompt_ids(request.prompt)
+        if params.echo and self.runner.offset(len(prompt_ids)) != len(prompt_ids):
+            raise SamplingError("echo (prompt log-probabilities) needs a decoder-only model; "
+                                "an encoder-decoder's prompt is its source, not its output")
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer")
         request_id = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -242,7 +250,8 @@ class Engine:
             stream = (TextStream(self.tokenizer, prompt_ids, params.stop)
                       if self.tokenizer is not None else None)
             self.waiting.append(_Sequence(output, i, request, stream,
-                                          self._generator(params, i), frozenset(stop_ids)))
+                                          self._generator(params, i), frozenset(stop_ids),
+                                          self.runner.offset(len(prompt_ids))))
         self._outputs[request_id] = output
         return RequestHandle(self, output)
 
@@ -305,7 +314,7 @@ class Engine:
         return events
 
     def _admit(self) -> list[_Sequence]:
-        free = self.cache.slots - len(self.running)
+        free = self.slots - len(self.running)
         admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
         admitted.sort(key=lambda s: len(s.prompt_ids))
         for seq in admitted:
@@ -324,7 +333,7 @@ class Engine:
             del self._outputs[request_id]
 
     def _move(self, src: int, dst: int, length: int) -> None:
-        self.cache.move(src, dst, length)
+        self.runner.move(src, dst, length)
         self._tokens[dst] = self._tokens[src]
         self._positions[dst] = self._positions[src]
         self._valid[dst] = self._valid[src]
@@ -334,11 +343,10 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence], events: list[Event]) -> None:
         for _, group_iter in itertools.groupby(seqs, key=lambda s: len(s.prompt_ids)):
             group = list(group_iter)
-            start, length = group[0].slot, len(group[0].prompt_ids)
+            start, length = group[0].slot, group[0].length
             tokens = torch.tensor([s.prompt_ids for s in group], device=self.device)
             echo = any(s.params.echo and s.output.prompt_logprobs is None for s in group)
-            out = self.model(tokens, kv_cache=self.cache.prefill(start, len(group)),
-                             keep_last=0 if echo else 1)
+            out = self.runner.prefill(tokens, start, keep_last=0 if echo else 1)
             rows = slice(start, start + len(group))
             self._valid[rows] = False
             self._valid[rows, :length] = True
@@ -350,12 +358,9 @@ class Engine:
     def _decode(self, events: list[Event]) -> None:
         batch = len(self.running)
         positions = self._positions[:batch]
-        self._valid[self.cache.rows[:batch], positions] = True
+        self._valid[self._rows[:batch], positions] = True
         kv_len = max(s.length for s in self.running)
-        mask = self._valid[:batch, None, None, :kv_len]
-        cache = self.cache.decode(batch, positions, kv_len)
-        out = self.model(self._tokens[:batch, None], positions[:, None], kv_cache=cache,
-                         attn_mask=mask)
+        out = self.runner.decode(self._tokens[:batch], positions, self._valid[:batch, :kv_len])
         positions += 1
         self._sample(self.running, out[:, -1], slice(0, batch), events)
 
@@ -453,9 +458,9 @@ class Engine:
                                     f"[0, {self.vocab_size})")
         if not ids:
             raise SamplingError("empty prompt: give at least one token of text")
-        if len(ids) > self.max_len:
+        if len(ids) > self.runner.max_prompt:
             raise SamplingError(f"prompt is {len(ids)} tokens, longer than the model's context "
-                                f"of {self.max_len}")
+                                f"of {self.runner.max_prompt}")
         return ids
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:

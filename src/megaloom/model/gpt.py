@@ -212,6 +212,10 @@ class GPT(nn.Module):
         self.lm_head: nn.Linear | None = nn.Linear(config.hidden_size, config.head_size,
                                                    bias=False)
 
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer layer this module holds (a pipeline stage: its own)."""
+        return list(self.layers.values())
+
     # ------------------------------------------------------------------ init
 
     @torch.no_grad()

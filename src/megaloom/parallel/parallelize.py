@@ -22,6 +22,7 @@ from megaloom.parallel.layers import (
     RowParallelLinear,
     SequenceShardedEmbedding,
     VocabParallelEmbedding,
+    sharded_parameter,
 )
 from megaloom.parallel.pipeline import split_stage
 from megaloom.parallel.random import TP_STREAM, RNGTracker
@@ -62,21 +63,11 @@ def parallelize(
     sp = sequence_parallel and topo.tp > 1
     tied = cfg.tied_head
     split_stage(model, topo, vpp)
-    for block in model.layers.values():
-        attn, mlp = block.attn, block.mlp
-        attn.qkv = ColumnParallelLinear(attn.qkv, axis, sp)
-        attn.proj = RowParallelLinear(attn.proj, axis, sp)
-        mlp.up = ColumnParallelLinear(mlp.up, axis, sp)
-        if mlp.gate is not None:
-            mlp.gate = ColumnParallelLinear(mlp.gate, axis, sp)
-        mlp.down = RowParallelLinear(mlp.down, axis, sp)
-        if sp:
-            for norm in (block.attn_norm, block.mlp_norm):
-                _mark_sequence_parallel(norm)
-        if cfg.dropout > 0 and topo.tp > 1:
-            _fork_during_forward(attn, _need(tracker))  # attention dropout acts on local heads
-            if sp:
-                block.dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
+    for block in model.blocks():
+        _parallelize_block(block, cfg, topo, sp, tracker)
+    for name in getattr(model, "HEAD_SHARDED", ()):  # per-head tables (T5's position biases)
+        table = getattr(model, name)
+        table.weight = sharded_parameter(table.weight, axis, 1)
     if model.embed is not None:
         model.embed = VocabParallelEmbedding(model.embed, axis, sp)
         for name in ("pos_embed", "token_type_embed"):  # replicated, indexed per position
@@ -100,6 +91,34 @@ def parallelize(
         stage_copy.norm_duplicate = model.embed is None
     on_meta = next(model.parameters()).device.type == "meta"
     return model if on_meta else model.to(topo.device)
+
+
+def _parallelize_block(block: nn.Module, cfg: ModelConfig, topo: Topology, sp: bool,
+                       tracker: RNGTracker | None) -> None:
+    """Megatron's pairs in one layer: column-parallel q/k/v (fused or apart) and MLP inputs,
+    row-parallel outputs; norms marked sequence-parallel; attention dropout on the tp stream.
+    Cross-attention (T5's decoder layers) is split like self-attention, by heads."""
+    axis = topo.tp_axis
+    attentions = [block.attn] + ([block.cross_attn] if hasattr(block, "cross_attn") else [])
+    for attn in attentions:
+        for name in ("qkv", "q", "k", "v"):
+            if hasattr(attn, name):
+                setattr(attn, name, ColumnParallelLinear(getattr(attn, name), axis, sp))
+        attn.proj = RowParallelLinear(attn.proj, axis, sp)
+    mlp = block.mlp
+    mlp.up = ColumnParallelLinear(mlp.up, axis, sp)
+    if mlp.gate is not None:
+        mlp.gate = ColumnParallelLinear(mlp.gate, axis, sp)
+    mlp.down = RowParallelLinear(mlp.down, axis, sp)
+    if sp:
+        for name in ("attn_norm", "cross_norm", "mlp_norm"):
+            if hasattr(block, name):
+                _mark_sequence_parallel(getattr(block, name))
+    if cfg.dropout > 0 and topo.tp > 1:
+        for attn in attentions:  # attention dropout acts on local heads
+            _fork_during_forward(attn, _need(tracker))
+        if sp:
+            block.dropout = ForkedDropout(cfg.dropout, _need(tracker), TP_STREAM)
 
 
 def _need(tracker: RNGTracker | None) -> RNGTracker:

@@ -121,7 +121,7 @@ class EngineDriver:
         if max_queue < 0:
             raise ValueError(f"invalid max_queue={max_queue}: must be >= 0")
         self.engine = engine
-        self.capacity = engine.cache.slots + max_queue
+        self.capacity = engine.slots + max_queue
         self.metrics = metrics or ServeMetrics()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Job, int]] = []

@@ -32,7 +32,7 @@ def resolve_data(config: Config) -> int:
     """Fill `data.prefixes`/`data.tokenizer` (default corpus when no data is given); return
     the tokenizer's vocabulary size."""
     from megaloom.data.default_corpus import ensure_default_data
-    from megaloom.data.masking import BERT_TOKENS
+    from megaloom.data.masking import BERT_TOKENS, SENTINEL
     from megaloom.data.tokenizer import Tokenizer
 
     data = config.data
@@ -40,7 +40,9 @@ def resolve_data(config: Config) -> int:
         if data.tokenizer is not None:
             raise MegaloomError("data.tokenizer is set but data.prefixes is empty: preprocess "
                                 "your text with that tokenizer and list the prefixes")
-        extra = BERT_TOKENS if config.task.name == "mlm" else ()
+        extra = {"mlm": BERT_TOKENS,
+                 "span": tuple(SENTINEL.format(i) for i in range(config.task.span.sentinels))
+                 }.get(config.task.name, ())
         tokenizer_path, prefix = ensure_default_data(data.cache_dir,
                                                      vocab_size=config.model.vocab_size,
                                                      extra_tokens=extra)
@@ -102,9 +104,9 @@ class Prepared:
 def prepare_run(config: Config) -> Prepared:
     """Pretraining or distillation: data (index caches built on first use), tokenizer,
     `model.init_from` and, for `task.name=distill`, the teacher."""
-    if config.task.name not in ("lm", "distill", "mlm"):
+    if config.task.name not in ("lm", "distill", "mlm", "span"):
         raise ConfigError(f"task.name={config.task.name!r}: megaloom train pretrains "
-                          "(task.name=lm, or mlm for BERT) or distils (task.name=distill); "
+                          "(task.name=lm, mlm for BERT, span for T5) or distils (task.name=distill); "
                           f"fine-tune with megaloom finetune --task {config.task.name}")
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
@@ -121,6 +123,8 @@ def prepare_run(config: Config) -> Prepared:
     config.validate()
     if config.task.name == "mlm":
         return prepare_masked_lm(config, source)
+    if config.task.name == "span":
+        return prepare_span_corruption(config, source)
     train_ds, valid_ds, _ = build_gpt_datasets(
         config.data, config.model.seq_len, config.train.seed, sample_counts(config)
     )
@@ -153,6 +157,28 @@ def prepare_masked_lm(config: Config, source: TensorSource | None) -> Prepared:
                                                 config.model.binary_head)
         for split, ds in enumerate(windows[:2]))
     return Prepared(source, train_ds, valid_ds, MaskedLMTask(config.model.vocab_size))
+
+
+def prepare_span_corruption(config: Config, source: TensorSource | None) -> Prepared:
+    """T5 pretraining: windows sized so each corrupted input fills `model.seq_len`."""
+    from megaloom.data.gpt_dataset import build_gpt_datasets
+    from megaloom.data.tokenizer import Tokenizer
+    from megaloom.tasks.span import SpanCorruptionDataset, SpanCorruptionTask, window_length
+
+    window = window_length(config.model.seq_len, config.task.span)
+    windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
+                                 sample_counts(config))
+    tokenizer = Tokenizer.from_file(config.data.tokenizer)
+    train_ds, valid_ds = (
+        None if ds is None else SpanCorruptionDataset(ds, tokenizer, config.task.span,
+                                                      config.train.seed * 3 + split,
+                                                      config.model.seq_len)
+        for split, ds in enumerate(windows[:2]))
+    parallel = config.parallel
+    multiple = parallel.tp if parallel.sequence_parallel else 1
+    return Prepared(source, train_ds, valid_ds,
+                    SpanCorruptionTask(config.model.vocab_size, config.model.decoder_start_id,
+                                       multiple))
 
 
 def join_job(config: Config) -> Topology:
