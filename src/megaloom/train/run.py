@@ -106,7 +106,8 @@ def prepare_run(config: Config) -> Prepared:
     `model.init_from` and, for `task.name=distill`, the teacher."""
     if config.task.name not in ("lm", "distill", "mlm", "span"):
         raise ConfigError(f"task.name={config.task.name!r}: megaloom train pretrains "
-                          "(task.name=lm, mlm for BERT, span for T5) or distils (task.name=distill); "
+                          "(task.name=lm, mlm for BERT, span for T5) or distils "
+                          "(task.name=distill); "
                           f"fine-tune with megaloom finetune --task {config.task.name}")
     from megaloom.data.gpt_dataset import build_gpt_datasets
 
