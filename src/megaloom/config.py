@@ -204,6 +204,9 @@ class ModelConfig:
         _require(t5 or self.activation not in ("relu", "geglu"), "model.activation",
                  f"{self.activation!r} is T5's MLP (model.arch=t5); decoders use 'gelu', "
                  "'gelu_tanh' or 'swiglu'")
+        _require(not t5 or self.activation in ("relu", "gelu", "geglu", "swiglu"),
+                 "model.activation", f"model.arch=t5 has a 'relu', 'gelu', 'geglu' or 'swiglu' "
+                 f"MLP, not {self.activation!r}")
         _require((self.position_embedding == "relative") == t5, "model.position_embedding",
                  "relative position buckets are T5's (model.arch=t5), which has no other")
         _require(not t5 or (self.norm == "rmsnorm" and not self.bias), "model.norm",

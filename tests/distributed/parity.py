@@ -32,8 +32,12 @@ SEED = 7
 
 def tiny_model(arch: str) -> ModelConfig:
     """4 layers, vocab 61 (odd: tp=2 needs padding), 2 kv heads for llama; `bert` is the
-    post-norm encoder with the sentence-order head, `bert-pre` the pre-norm one without."""
+    post-norm encoder with the sentence-order head, `bert-pre` the pre-norm one without;
+    `t5` has 4 encoder and 2 decoder layers with gated GELU and an untied head."""
     extra = {"num_kv_heads": 2, "ffn_hidden_size": 64} if arch == "llama" else {}
+    if arch == "t5":
+        extra = {"decoder_layers": 2, "activation": "geglu", "tie_embeddings": False,
+                 "relative_buckets": 8, "relative_max_distance": 16}
     if arch.startswith("bert"):
         pre = arch == "bert-pre"
         arch, extra = "bert", {"norm_position": "pre" if pre else "post", "binary_head": not pre}
@@ -68,6 +72,15 @@ def micro_batches(step: int, cfg: ModelConfig, rows: slice | None = None
         gen = torch.Generator().manual_seed(2000 + step)
         full["token_types"] = torch.randint(0, 2, tokens[:, :-1].shape, generator=gen)
         full["order"] = torch.randint(0, 2, (GLOBAL_BATCH,), generator=gen)
+    if cfg.arch == "t5":  # a padded source; the decoder reads a shifted target of 6 tokens
+        gen = torch.Generator().manual_seed(3000 + step)
+        keep = torch.arange(cfg.seq_len) < torch.randint(3, cfg.seq_len + 1, (GLOBAL_BATCH, 1),
+                                                         generator=gen)
+        target = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, 6), generator=gen)
+        full.update(attn_mask=keep, targets=target, loss_mask=mask[:, :6],
+                    decoder_tokens=torch.cat([torch.zeros_like(target[:, :1]), target[:, :-1]],
+                                             dim=1))
+        denominator = mask[:, :6].sum()
     rows = rows or slice(0, GLOBAL_BATCH)
     mine = {k: v[rows] for k, v in full.items()}
     count = rows.stop - rows.start
@@ -80,6 +93,8 @@ def reference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: 
     """Summed float64 loss of one micro-batch on the plain model (`tasks.mlm`'s formula for
     BERT: masked-token cross-entropy plus sentence order weighted by each row's count)."""
     extra = {"token_types": batch["token_types"]} if "token_types" in batch else {}
+    if "decoder_tokens" in batch:
+        extra = {"decoder_tokens": batch["decoder_tokens"], "attn_mask": batch["attn_mask"]}
     output = model(batch["tokens"], **extra)
     logits, order = output if isinstance(output, tuple) else (output, None)
     losses = F.cross_entropy(logits[..., :cfg.vocab_size].reshape(-1, cfg.vocab_size),

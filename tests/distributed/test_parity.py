@@ -28,6 +28,9 @@ LAYOUTS = [
     (1, 1, 2, "bert", False, True, 1),
     (1, 2, 1, "bert", False, False, 1),
     (2, 2, 2, "bert-pre", True, True, 1),
+    (2, 1, 1, "t5", False, False, 1),
+    (1, 1, 2, "t5", False, True, 1),
+    (2, 1, 2, "t5", True, True, 1),
 ]
 
 

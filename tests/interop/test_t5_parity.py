@@ -29,6 +29,11 @@ SHAPES = {
     # an untied head with the decoder output scaled (scale_decoder_outputs kept from the file)
     "t5-untied-scaled": (dict(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                               num_heads=4, feed_forward_proj="relu"), True),
+    # SwiGLU MLP (gated-silu) and exact GELU
+    "t5-gated-silu": (dict(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                           num_heads=4, feed_forward_proj="gated-silu"), False),
+    "t5-gelu": (dict(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=1,
+                     num_heads=2, feed_forward_proj="gelu"), False),
     # v1.1 as transformers 5 writes it: tied head, scale_decoder_outputs false
     "t5-v1.1-tied": (dict(vocab_size=77, d_model=32, d_kv=8, d_ff=64, num_layers=3,
                           num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
@@ -86,8 +91,8 @@ def test_import_matches_transformers(shape, tmp_path):
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     kwargs, untied = SHAPES[shape]
     assert config.model.tie_embeddings is not untied
-    assert config.model.activation == ("geglu" if "gated" in kwargs["feed_forward_proj"]
-                                       else "relu")
+    assert config.model.activation == {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu",
+                                       "gated-silu": "swiglu"}[kwargs["feed_forward_proj"]]
 
 
 def test_export_matches_and_round_trip_is_bit_exact(shape, tmp_path):
@@ -107,7 +112,7 @@ def test_export_matches_and_round_trip_is_bit_exact(shape, tmp_path):
     assert set(hf_state) == set(load_file(tmp_path / "out" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("field, value", [("feed_forward_proj", "gated-silu"),
+@pytest.mark.parametrize("field, value", [("feed_forward_proj", "gated-relu"),
                                           ("is_decoder", True)])
 def test_unsupported_fields_are_named(tmp_path, field, value):
     T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32,

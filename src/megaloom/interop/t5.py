@@ -2,7 +2,8 @@
 fields and tensor names.
 
 v1.0 checkpoints (`feed_forward_proj: relu`, a tied head, decoder output scaled by
-d_model^-0.5) and v1.1 ones (`gated-gelu`, an untied `lm_head`, no scaling) both map. Whether
+d_model^-0.5) and v1.1 ones (`gated-gelu`, an untied `lm_head`, no scaling) both map, as do
+`gelu` and `gated-silu` (SwiGLU) MLPs. Whether
 the decoder output is scaled is `scale_decoder_outputs` where the file says it (transformers
 5 writes it), else the older convention `tie_word_embeddings`. Each stack's relative-position
 table lives in its block 0 (`...block.0.layer.0.SelfAttention.relative_attention_bias`).
@@ -24,8 +25,10 @@ TOP_LEVEL: tuple[str, ...] = ()
 TIED_HEAD = "lm_head.weight"
 # Copies of the shared embedding that some checkpoints store under each stack's name.
 ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-ACTIVATIONS = {"relu": "relu", "gated-gelu": "geglu", "gated-gelu_new": "geglu"}
-EXPORT_ACTIVATIONS = {"relu": "relu", "geglu": "gated-gelu"}
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu", "gated-gelu_new": "geglu",
+               "gated-silu": "swiglu"}
+EXPORT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "geglu": "gated-gelu",
+                      "swiglu": "gated-silu"}
 Pair = tuple[str, str, bool]
 
 
@@ -93,7 +96,7 @@ def hf_config_from_model(config: ModelConfig, common: dict[str, Any]) -> dict[st
 
 
 def _mlp(ours: str, theirs: str, config: ModelConfig) -> list[Pair]:
-    if config.activation == "geglu":
+    if config.activation in ("geglu", "swiglu"):
         pairs = [("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")]
     else:
         pairs = [("up", "wi"), ("down", "wo")]

@@ -15,6 +15,11 @@ Values follow GPT-2/Megatron: N(0, init_std) for matrices and embeddings, init_s
 sqrt(2 * num_layers) for the residual projections (`attn.proj`, `mlp.down`), zero biases, unit
 norm weights, and zero rows for the padded vocabulary of the token embedding. LoRA factors:
 `lora_A` N(0, 1/sqrt(in)), `lora_B` zeros (an untrained adapter changes nothing).
+
+T5 (`model.arch=t5`) follows its own scheme (Mesh TensorFlow's, as `transformers` has it):
+the embedding and an untied head N(0, 1), every projection N(0, fan_in^-1/2) except queries,
+whose N(0, (hidden * head_dim)^-1/2) absorbs the attention scaling T5 leaves out; in the fused
+`qkv` the query rows are rescaled by head_dim^-1/2, a function of the row index alone.
 """
 
 from __future__ import annotations
@@ -54,9 +59,33 @@ def init_rule(name: str, config: ModelConfig, shape: tuple[int, ...] = ()) -> fl
         return 1.0 / math.sqrt(shape[1])
     if "norm." in name:
         return "ones"
+    if config.arch == "t5":
+        return t5_std(name, config)
     if name.endswith(RESIDUAL_PROJECTIONS):
         return config.init_std / math.sqrt(2.0 * config.num_layers)
     return config.init_std
+
+
+def t5_std(name: str, config: ModelConfig) -> float:
+    """T5's standard deviation of weight `name` (queries before their head_dim^-1/2)."""
+    hidden, inner = config.hidden_size, config.num_heads * config.head_dim
+    if name in ("embed.weight", "lm_head.weight"):
+        return 1.0
+    if name.endswith("attn.proj.weight"):
+        return inner ** -0.5
+    if name.endswith("mlp.down.weight"):
+        return config.ffn_hidden_size ** -0.5
+    if name.endswith("cross_attn.q.weight"):
+        return (hidden * config.head_dim) ** -0.5
+    return hidden ** -0.5  # fused qkv, cross-attention k/v, MLP inputs, position tables
+
+
+def _scale_t5_queries(out: torch.Tensor, rows: tuple[int, int], config: ModelConfig) -> None:
+    """Rescale the query rows of a box of a fused `qkv` weight by head_dim^-1/2."""
+    d = config.head_dim
+    q_rows = config.num_heads // config.num_kv_heads * d
+    index = torch.arange(*rows)
+    out[index % (q_rows + 2 * d) < q_rows] *= d ** -0.5
 
 
 def initial_values(name: str, shape: tuple[int, ...] | torch.Size, config: ModelConfig,
@@ -82,6 +111,8 @@ def initial_values(name: str, shape: tuple[int, ...] | torch.Size, config: Model
             values = values.narrow(dim, start, stop - start)
         pieces.append(values)
     out = torch.cat(pieces)
+    if config.arch == "t5" and name.endswith("attn.qkv.weight"):
+        _scale_t5_queries(out, (row_start, row_stop), config)
     if name == "embed.weight" and row_stop > config.vocab_size:  # padding ids embed to zero
         out[max(0, config.vocab_size - row_start):] = 0.0
     return out

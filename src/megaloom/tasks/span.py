@@ -38,13 +38,12 @@ def corrupted_lengths(window: int, cfg: SpanCorruptionConfig) -> tuple[int, int,
 
 
 def window_length(seq_len: int, cfg: SpanCorruptionConfig) -> int:
-    """The longest window whose corrupted input (with its end token) fits `seq_len`."""
-    window = seq_len
-    while window > 2 and corrupted_lengths(window, cfg)[0] > seq_len:
-        window -= 1
-    if corrupted_lengths(window, cfg)[0] > seq_len or window < 2:
+    """The longest window whose corrupted input (with its end token) fits `seq_len`: longer
+    than `seq_len`, since each span shrinks to one sentinel."""
+    fits = [w for w in range(2, 2 * seq_len + 2) if corrupted_lengths(w, cfg)[0] <= seq_len]
+    if not fits:
         raise ConfigError(f"model.seq_len={seq_len} is too short for span corruption")
-    return window
+    return max(fits)
 
 
 class SpanCorruptionDataset(Sequence):
