@@ -28,6 +28,10 @@ BERT_SOP = ModelConfig(arch="bert", num_layers=4, hidden_size=32, num_heads=4, s
                        vocab_size=61, make_vocab_size_divisible_by=1, binary_head=True)
 BERT_PRE_CLASSIFIER = ModelConfig(arch="bert", num_layers=6, hidden_size=32, num_heads=4,
                                   seq_len=8, vocab_size=61, norm_position="pre", num_labels=3)
+T5_UNTIED = ModelConfig(arch="t5", num_layers=3, decoder_layers=2, hidden_size=32, num_heads=4,
+                       seq_len=8, vocab_size=61, activation="geglu", tie_embeddings=False)
+T5_TIED = ModelConfig(arch="t5", num_layers=2, hidden_size=32, num_heads=4, seq_len=8,
+                      vocab_size=61, make_vocab_size_divisible_by=1)
 
 
 def meta_rank(config: ModelConfig, tp: int, pp: int, rank: int, vpp: int = 1):
@@ -43,7 +47,8 @@ def distinct_numel(model) -> int:
 SHAPES = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2), (1, 3, 1), (2, 2, 2)]
 
 
-@pytest.mark.parametrize("config,tp,pp,vpp", [(GPT2, 4, 1, 1)]
+@pytest.mark.parametrize("config,tp,pp,vpp", [(GPT2, 4, 1, 1), (T5_UNTIED, 2, 1, 1),
+                                             (T5_UNTIED, 4, 1, 1), (T5_TIED, 2, 1, 1)]
                          + [(c, *shape) for c in (GPT2, LLAMA, BERT_SOP, BERT_PRE_CLASSIFIER)
                             for shape in SHAPES])
 def test_every_rank_holds_the_planned_parameters(config, tp, pp, vpp):

@@ -34,6 +34,10 @@ LLAMA_VARIANTS = {
                             type_vocab_size=3),
     "bert-classifier": dict(arch="bert", num_layers=2, hidden_size=32, num_heads=2,
                             vocab_size=50, num_labels=3),
+    "t5-v1.0": dict(arch="t5", num_layers=2, hidden_size=32, num_heads=4, vocab_size=101),
+    "t5-v1.1-untied": dict(arch="t5", num_layers=3, decoder_layers=2, hidden_size=32,
+                           num_heads=2, head_dim=24, activation="geglu", tie_embeddings=False,
+                           relative_buckets=8, vocab_size=77),
     "gpt2-rope-untied": dict(arch="gpt2", num_layers=2, hidden_size=32, num_heads=4,
                              position_embedding="rope", tie_embeddings=False, vocab_size=130),
 }

@@ -74,6 +74,8 @@ def _train(args: argparse.Namespace, config: Config) -> int:
 
 
 SAMPLE_PROMPTS = ("The", "In Python,", "def ")
+SPAN_PROMPTS = ("Return a new <extra_id_0> of the items.", "Import the <extra_id_0> module "
+                "<extra_id_1>.", "This function raises a <extra_id_0> when the file is missing.")
 FILL_PROMPTS = ("Return a new [MASK] of the items.", "Import the [MASK] module first.",
                 "This function raises a [MASK] when the file is missing.")
 
@@ -94,16 +96,19 @@ def print_fill_mask(checkpoint, count: int) -> None:
 
 
 def print_samples(checkpoint, count: int) -> None:
-    """Print a few short top-p generations from the final checkpoint."""
+    """Print a few short top-p generations from the final checkpoint: continuations of a
+    decoder's prompts, an encoder-decoder's fillings of the sentinels in its sources."""
     from megaloom.data.tokenizer import Tokenizer
     from megaloom.infer import Engine, Request, SamplingParams
     from megaloom.loading import load_model
 
     model, _, tokenizer_path = load_model(checkpoint)
     engine = Engine(model, Tokenizer.from_file(tokenizer_path), max_batch_size=count)
-    prompts = [SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)] for i in range(count)]
-    params = SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0)
+    spans = getattr(model, "encoder_decoder", False)
+    pool = SPAN_PROMPTS if spans else SAMPLE_PROMPTS
+    prompts = [pool[i % len(pool)] for i in range(count)]
+    params = SamplingParams(max_tokens=24 if spans else 48, temperature=0.8, top_p=0.95, seed=0)
     outputs = engine.generate([Request(prompt, params) for prompt in prompts])
-    print("samples:")
+    print("samples:" if not spans else "span fillings:")
     for prompt, output in zip(prompts, outputs, strict=True):
-        print(f"--- {prompt!r}\n{prompt}{output.completions[0].text}")
+        print(f"--- {prompt!r}\n{'' if spans else prompt}{output.completions[0].text}")

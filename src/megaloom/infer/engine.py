@@ -269,6 +269,13 @@ class Engine:
         self._outputs.clear()
         self._sampler_key, self._sampler = (), None
 
+    def room(self, prompt_len: int) -> int:
+        """How many tokens a prompt of `prompt_len` tokens leaves to generate (<= 0: none,
+        or a prompt longer than the model reads)."""
+        if prompt_len > self.runner.max_prompt:
+            return 0
+        return self.max_len - self.runner.offset(prompt_len)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

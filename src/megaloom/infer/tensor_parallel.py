@@ -75,6 +75,10 @@ def load_tensor_parallel(spec: str | Path, device: torch.device | None = None,
     except ValueError as exc:
         raise MegaloomError(f"cannot split {spec} over {world} tensor-parallel ranks: "
                             f"{exc}") from None
+    if getattr(model, "encoder_decoder", False) and world > 1:
+        raise MegaloomError(f"{spec} is an encoder-decoder (model.arch={config.model.arch}): "
+                            "tensor-parallel inference serves decoder-only models; run it "
+                            "on one process")
     return FullLogitsGPT(model.eval(), topo.tp_axis), config, tokenizer, topo
 
 

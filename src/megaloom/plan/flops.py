@@ -10,7 +10,8 @@ Megatron and PaLM papers:
 - 12 L h s is attention over the context: QK^T and scores x V are 2 * 2 s h FLOPs per token
   and layer forward, times 3 with the backward pass; the full s x s square is counted even
   though causal attention needs half of it. It depends on the query width h only, so GQA
-  does not change it.
+  does not change it. T5 counts its encoder and decoder layers (L = both; cross-attention is
+  counted like self-attention over s).
 
 Hardware FLOPs add recomputation: full recompute runs every layer's forward again
 (2 N_layers + 4 L h s more per token; the head is not recomputed). For GPT-2 this is Narayanan
@@ -46,7 +47,7 @@ def flops_parameters(model: ModelConfig) -> int:
 
 def attention_flops_per_token(model: ModelConfig) -> float:
     """12 L h s: forward and backward of QK^T and scores x V."""
-    return 12.0 * model.num_layers * model.hidden_size * model.seq_len
+    return 12.0 * model.num_blocks * model.hidden_size * model.seq_len
 
 
 def model_flops_per_token(model_config: ModelConfig) -> float:
@@ -66,7 +67,7 @@ def hardware_flops_per_token(model: ModelConfig, recompute: str,
     extra = {
         "none": 0.0,
         "selective": selective,
-        "full": 2.0 * model.num_layers * layer_parameters(model).total + attention / 3,
+        "full": 2.0 * model.num_blocks * layer_parameters(model).total + attention / 3,
     }[recompute]
     return model_flops_per_token(model) + extra
 

@@ -166,8 +166,9 @@ def stage_memory(model: ModelConfig, layout: Layout, stage: StageParams,
              in model_state_bytes_per_param(layout.precision, layout.grad_dtype,
                                             layout.zero).items()}
     args = (model, model.seq_len, layout.micro_batch, layout.tp, layout.sequence_parallel)
-    layers = inflight_layers(model.num_layers, layout.pp, layout.vpp,
-                             layout.num_micro_batches, stage.stage, stage.num_layers)
+    decoder = model.decoder_layers or 0  # T5's decoder runs on its one stage
+    layers = inflight_layers(model.num_blocks, layout.pp, layout.vpp,
+                             layout.num_micro_batches, stage.stage, stage.num_layers + decoder)
     last = stage.stage == layout.pp - 1
     return StageMemory(
         stage=stage.stage,

@@ -35,7 +35,9 @@ def describe_model(plan: Plan) -> str:
     m = plan.model
     heads = f"{m.num_heads} heads" + (f" ({m.num_kv_heads} kv)" if m.num_kv_heads != m.num_heads
                                       else "")
-    return (f"{m.arch}: {m.num_layers} layers, hidden {m.hidden_size}, {heads}, "
+    layers = (f"{m.num_layers} encoder + {m.decoder_layers} decoder layers" if m.decoder_layers
+              else f"{m.num_layers} layers")
+    return (f"{m.arch}: {layers}, hidden {m.hidden_size}, {heads}, "
             f"ffn {m.ffn_hidden_size} ({m.activation}), seq {m.seq_len}, "
             f"vocab {m.padded_vocab_size} padded")
 

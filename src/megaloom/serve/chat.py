@@ -55,7 +55,7 @@ async def create_chat_completion(body: ChatRequest, request: Request) -> Respons
     if max_tokens is None:
         max_tokens = body.max_tokens
     if max_tokens is None:
-        max_tokens = max(ctx.max_len - len(prompt), 1)
+        max_tokens = max(ctx.driver.engine.room(len(prompt)), 1)
     if max_tokens == 0:
         raise APIError(400, "max_completion_tokens: must be at least 1",
                        param="max_completion_tokens", code="invalid_value")

@@ -68,11 +68,18 @@ class ServeContext:
         if bad is not None:
             raise APIError(400, f"{param}: token id {bad} is outside the vocabulary "
                            f"[0, {self.vocab_size})", param=param, code="invalid_token_id")
-        if len(ids) + max_tokens > self.max_len:
+        engine = self.driver.engine
+        if max_tokens > engine.room(len(ids)) and engine.runner.offset(len(ids)) == len(ids):
             raise APIError(400, f"this model's maximum context length is {self.max_len} tokens, "
                            f"but the request asks for {len(ids) + max_tokens} ({len(ids)} in "
                            f"the prompt, {max_tokens} to generate); shorten the prompt or "
                            "lower max_tokens", param=param, code="context_length_exceeded")
+        if max_tokens > engine.room(len(ids)):
+            raise APIError(400, f"this encoder-decoder reads prompts of up to "
+                           f"{engine.runner.max_prompt} tokens and writes up to "
+                           f"{engine.room(1)}; the request has {len(ids)} in the prompt and "
+                           f"asks for {max_tokens} to generate", param=param,
+                           code="context_length_exceeded")
 
     def submit(self, prompts: Sequence[list[int]], params: SamplingParams) -> Job:
         try:
