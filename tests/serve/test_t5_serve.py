@@ -28,8 +28,8 @@ def t5_loaded(checkpoint, tmp_path_factory) -> Loaded:
         for param in model.parameters():
             if param.dim() > 1:
                 param.normal_(0.0, 0.5)
-    path = save_model_files(tmp_path_factory.mktemp("t5") / "model", model, Config(model=config, task=TaskConfig(name="span")),
-                            tokenizer_path)
+    path = save_model_files(tmp_path_factory.mktemp("t5") / "model", model,
+                            Config(model=config, task=TaskConfig(name="span")), tokenizer_path)
     loaded, _, tokenizer_path = load_model(path)
     return Loaded(loaded, Tokenizer.from_file(tokenizer_path), tokenizer_path)
 
