@@ -13,6 +13,7 @@ from megaloom.data.masking import BERT_TOKENS
 from megaloom.data.tokenizer import ENDOFTEXT, train_bpe
 from megaloom.model.bert import BERT
 from megaloom.model.gpt import GPT
+from megaloom.model.t5 import T5
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +46,12 @@ def workdir(tmp_path_factory):
     torch.manual_seed(1)
     save_model_files(root / "base-bert", BERT(bert), Config(model=bert, task=TaskConfig(
         name="mlm")), root / "tokenizer-bert.json")
+    t5 = ModelConfig(arch="t5", num_layers=2, hidden_size=32, num_heads=4, seq_len=24,
+                     decoder_seq_len=12, vocab_size=300, make_vocab_size_divisible_by=1,
+                     dropout=0.0)
+    torch.manual_seed(1)
+    save_model_files(root / "base-t5", T5(t5), Config(model=t5, task=TaskConfig(name="span")),
+                     root / "tokenizer.json")
     write_jsonl(root / "sft.jsonl", sft_records(24, seed=1))
     write_jsonl(root / "sft_valid.jsonl", sft_records(6, seed=2))
     write_jsonl(root / "chat.jsonl", chat_records(12, seed=3))

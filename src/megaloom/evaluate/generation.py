@@ -2,7 +2,8 @@
 (and optionally BLEU/chrF), each generation saved with its reference and scores.
 
 Prompts go through the inference engine (continuous batching, the user's sampling flags, one
-draft each). A prompt is cut from the left so prompt + `max_tokens` fit the model (counted as
+draft each). A prompt is cut from the left so prompt + `max_tokens` fit the model (an
+encoder-decoder: the prompt fits the encoder, `max_tokens` the decoder; counted as
 truncated); a prompt that cannot leave room for one new token is a bad line.
 """
 
@@ -39,17 +40,17 @@ class RougeOptions:
 
 
 def generate(engine, tokenizer, model_name: str, records: Sequence[Record], params,
-             seq_len: int, options: RougeOptions, sinks: Sequence, bad: BadRecords) -> dict:
+             options: RougeOptions, sinks: Sequence, bad: BadRecords) -> dict:
     """Generate for every valid record, score, write each record to `sinks`; the report."""
     from megaloom.infer import Request
 
     items = [r for r in (bad.check(read_reference, record) for record in records) if r]
     if not items:
         raise DataError("no prompt left to evaluate")
-    room = seq_len - params.max_tokens
+    room = engine.prompt_budget(params.max_tokens)
     if room < 1:
         raise DataError(f"--max-tokens {params.max_tokens} leaves no room for a prompt in the "
-                        f"model's {seq_len}-token context")
+                        f"model's {engine.max_len}-token context")
     params = replace(params, n=1)
     requests, truncated = [], 0
     for i, item in enumerate(items):

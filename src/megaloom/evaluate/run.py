@@ -126,5 +126,5 @@ class Evaluation:
                                           bleu=args.bleu)
         records = read_records(args.data, bad) if self.leader else []
         return drive(engine, lambda: generation.generate(
-            engine, self.tokenizer, args.model, records, sampling_params(args),
-            self.config.model.seq_len, options, sinks, bad))
+            engine, self.tokenizer, args.model, records, sampling_params(args), options,
+            sinks, bad))

@@ -58,17 +58,18 @@ def sft_report(trainer: Trainer, data: SFTData, checkpoint: Path | None) -> dict
 
 def greedy_generations(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions of `prompts` by the saved model, prompts cut from the left so that
-    prompt + completion fit `seq_len`."""
+    prompt and completion fit the model (`Engine.prompt_budget`)."""
     from megaloom.data.tokenizer import Tokenizer
     from megaloom.infer import Engine, Request, SamplingParams
     from megaloom.loading import load_model
 
-    model, config, tokenizer_path = load_model(checkpoint)
+    model, _, tokenizer_path = load_model(checkpoint)
     tokenizer = Tokenizer.from_file(tokenizer_path)
-    room = max(1, config.model.seq_len - max_new_tokens)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    requests = [Request(tokenizer.encode(p)[-room:], params) for p in prompts]
-    outputs = Engine(model, tokenizer, max_batch_size=min(8, len(prompts))).generate(requests)
+    engine = Engine(model, tokenizer, max_batch_size=min(8, len(prompts)))
+    new_tokens = min(max_new_tokens, engine.room(1))
+    room = max(1, engine.prompt_budget(new_tokens))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    outputs = engine.generate([Request(tokenizer.encode(p)[-room:], params) for p in prompts])
     return [o.completions[0].text.strip() for o in outputs]
 
 

@@ -30,6 +30,7 @@ from megaloom.parallel.build import InitSource, TensorSource
 from megaloom.tasks import EpochShuffled
 from megaloom.tasks.classify import ClassifyTask, Framing, load_classify_data, read_label_set
 from megaloom.tasks.sft import SFTTask, load_sft_data
+from megaloom.tasks.text_to_text import TextToTextTask
 from megaloom.train.run import Prepared
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,12 @@ class FinetunePreparation:
         seq_len = config.model.seq_len
         if task_cfg.name == "sft":
             config.model.num_labels = 0
-            train = load_sft_data(train_file, task_cfg, tokenizer, tokenizer_path, seq_len)
-            valid = (load_sft_data(valid_file, task_cfg, tokenizer, tokenizer_path, seq_len)
-                     if valid_file else None)
-            task = SFTTask(config.model.vocab_size, task_cfg.pack)
+            decoder_len = config.model.decoder_seq_len  # an encoder-decoder's target rows
+            train, valid = (None if file is None else load_sft_data(
+                file, task_cfg, tokenizer, tokenizer_path, seq_len, decoder_len)
+                for file in (train_file, valid_file))
+            task = (SFTTask(config.model.vocab_size, task_cfg.pack) if decoder_len is None
+                    else TextToTextTask(config.model.vocab_size, config.model.decoder_start_id))
         else:
             labels = task_cfg.labels or read_label_set(train_file, task_cfg)
             task_cfg.labels = labels

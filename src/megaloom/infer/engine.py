@@ -276,6 +276,11 @@ class Engine:
             return 0
         return self.max_len - self.runner.offset(prompt_len)
 
+    def prompt_budget(self, new_tokens: int) -> int:
+        """The longest prompt that leaves room for `new_tokens` new ones (0: none does)."""
+        return next((n for n in range(self.runner.max_prompt, 0, -1)
+                     if self.room(n) >= new_tokens), 0)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

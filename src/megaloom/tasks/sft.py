@@ -11,6 +11,10 @@ Packing puts several samples in one row of `seq_len` positions: positions restar
 each sample and `attn_mask` is block-diagonal causal, so no token attends across samples and
 a packed row's summed loss equals the samples' losses summed. The trainer normalises by the
 global count of trained tokens.
+
+An encoder-decoder (T5) reads the prompt in its encoder and writes the response: each sample
+is one `text_to_text` row (source cut from the left to `model.seq_len`, response cut to
+`model.decoder_seq_len` with its end token kept), never packed.
 """
 
 from __future__ import annotations
@@ -169,9 +173,26 @@ def _row(examples: Sequence[Example], seq_len: int, pad_id: int) -> dict[str, np
     return row
 
 
+def text_to_text_row(example: Example, seq_len: int, decoder_len: int, pad_id: int
+                     ) -> tuple[dict[str, np.ndarray], bool]:
+    """A source/target row (`tasks.text_to_text`) of `example` and whether it was cut."""
+    source = example.prompt[-seq_len:]
+    response = example.response
+    target = (response if len(response) <= decoder_len
+              else response[:decoder_len - 1] + response[-1:])  # the end token stays
+    row = {"tokens": np.full(seq_len, pad_id, np.int64), "keep": np.zeros(seq_len, bool),
+           "target": np.full(decoder_len, pad_id, np.int64),
+           "target_mask": np.zeros(decoder_len, np.float32)}
+    row["tokens"][:len(source)], row["keep"][:len(source)] = source, True
+    row["target"][:len(target)], row["target_mask"][:len(target)] = target, 1.0
+    return row, len(source) < len(example.prompt) or len(target) < len(example.response)
+
+
 def load_sft_data(path: str | Path, cfg: TaskConfig, tokenizer: Tokenizer,
-                  tokenizer_path: str | Path | None, seq_len: int) -> SFTData:
-    """Read, render, tokenise, fit and pack the SFT file `path`."""
+                  tokenizer_path: str | Path | None, seq_len: int,
+                  decoder_len: int | None = None) -> SFTData:
+    """Read, render, tokenise, fit and pack the SFT file `path` (`decoder_len`: an
+    encoder-decoder's rows, see the module docstring)."""
     records = read_records(path)
     template = choose_template(cfg, tokenizer_path, tokenizer.eod_token)
     uses_template = cfg.template in ("tokenizer", "default")
@@ -184,6 +205,16 @@ def load_sft_data(path: str | Path, cfg: TaskConfig, tokenizer: Tokenizer,
         if not prompt_ids:
             raise DataError(f"{record.where}: the prompt encodes to no tokens")
         example = Example(prompt_ids, tokenizer.encode(response) + [eos])
+        if decoder_len is not None:
+            row, cut = text_to_text_row(example, seq_len, decoder_len, eos)
+            if cut and cfg.overlong == "reject":
+                rejected += 1
+                continue
+            truncated += cut
+            examples.append(row)
+            prompts.append(prompt)
+            references.append(response)
+            continue
         fitted = fit(example, seq_len + 1, cfg.overlong)
         if fitted is None:
             rejected += 1
@@ -195,8 +226,12 @@ def load_sft_data(path: str | Path, cfg: TaskConfig, tokenizer: Tokenizer,
     if not examples:
         raise DataError(f"{path}: every sample is longer than model.seq_len={seq_len} "
                         "(task.overlong=reject); raise seq_len or use task.overlong=truncate")
-    rows = pack_rows(examples, seq_len, cfg.pack, eos)
-    trained = int(sum(row["loss_mask"].sum() for row in rows))
+    if decoder_len is not None:
+        rows = examples
+        trained = int(sum(row["target_mask"].sum() for row in rows))
+    else:
+        rows = pack_rows(examples, seq_len, cfg.pack, eos)
+        trained = int(sum(row["loss_mask"].sum() for row in rows))
     return SFTData(rows, len(examples), truncated, rejected, trained, prompts, references)
 
 

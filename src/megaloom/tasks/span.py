@@ -8,9 +8,7 @@ lengths; T5's `compute_input_and_target_lengths` does the same). The masking of 
 is a pure function of (seed, split, i), so resume and every data-parallel split see the same
 spans.
 
-`SpanCorruptionTask` is teacher forcing: the decoder reads `[start] + target[:-1]` and the loss
-is the summed vocab-parallel cross-entropy over the target tokens; the trainer divides it by
-the global target-token count.
+Its loss is `tasks.text_to_text.TextToTextTask`'s (teacher forcing over the target).
 """
 
 from __future__ import annotations
@@ -18,14 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from megaloom.config import ConfigError, SpanCorruptionConfig
 from megaloom.data.masking import corrupt_spans, noise_mask, sample_rng, sentinel_ids
 from megaloom.data.tokenizer import Tokenizer
-from megaloom.parallel.loss import parallel_lm_loss
-from megaloom.parallel.topology import Axis
-from megaloom.tasks.base import stack
 
 
 def corrupted_lengths(window: int, cfg: SpanCorruptionConfig) -> tuple[int, int, int]:
@@ -73,37 +67,3 @@ class SpanCorruptionDataset(Sequence):
         padded = np.full(self.seq_len, self.eod, dtype=np.int64)
         padded[:len(inputs)] = inputs
         return {"tokens": padded, "keep": keep, "target": np.concatenate([target, [self.eod]])}
-
-
-class SpanCorruptionTask:
-    """Teacher-forced decoder loss of an encoder-decoder on (source, target) samples: span
-    corruption, and any text-to-text data with the same sample keys (`tokens`, `keep`,
-    `target`; `target_mask` when targets are padded). Targets are padded to a multiple of
-    `multiple` (the tp size under sequence parallelism)."""
-
-    name = "span"
-
-    def __init__(self, vocab_size: int, decoder_start_id: int, multiple: int = 1):
-        self.vocab_size, self.start, self.multiple = vocab_size, decoder_start_id, multiple
-
-    def batch(self, samples: Sequence[dict[str, np.ndarray]], device: torch.device
-              ) -> dict[str, torch.Tensor]:
-        target = stack(samples, "target", device)
-        mask = (stack(samples, "target_mask", device, torch.float32)
-                if "target_mask" in samples[0] else torch.ones(target.shape, device=device))
-        padding = -target.shape[1] % self.multiple
-        if padding:
-            target = torch.nn.functional.pad(target, (0, padding))
-            mask = torch.nn.functional.pad(mask, (0, padding))
-        decoder = torch.cat([torch.full_like(target[:, :1], self.start), target[:, :-1]], dim=1)
-        return {"tokens": stack(samples, "tokens", device),
-                "attn_mask": stack(samples, "keep", device, torch.bool),
-                "decoder_tokens": decoder, "targets": target, "loss_mask": mask}
-
-    def loss_sum(self, output: torch.Tensor, batch: dict[str, torch.Tensor], axis: Axis
-                 ) -> torch.Tensor:
-        return parallel_lm_loss(output, batch["targets"], axis, self.vocab_size,
-                                batch["loss_mask"])
-
-    def count(self, batch: dict[str, torch.Tensor]) -> float:
-        return float(batch["loss_mask"].sum().item())

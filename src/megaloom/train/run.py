@@ -164,7 +164,8 @@ def prepare_span_corruption(config: Config, source: TensorSource | None) -> Prep
     """T5 pretraining: windows sized so each corrupted input fills `model.seq_len`."""
     from megaloom.data.gpt_dataset import build_gpt_datasets
     from megaloom.data.tokenizer import Tokenizer
-    from megaloom.tasks.span import SpanCorruptionDataset, SpanCorruptionTask, window_length
+    from megaloom.tasks.span import SpanCorruptionDataset, window_length
+    from megaloom.tasks.text_to_text import TextToTextTask
 
     window = window_length(config.model.seq_len, config.task.span)
     windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
@@ -178,8 +179,8 @@ def prepare_span_corruption(config: Config, source: TensorSource | None) -> Prep
     parallel = config.parallel
     multiple = parallel.tp if parallel.sequence_parallel else 1
     return Prepared(source, train_ds, valid_ds,
-                    SpanCorruptionTask(config.model.vocab_size, config.model.decoder_start_id,
-                                       multiple))
+                    TextToTextTask(config.model.vocab_size, config.model.decoder_start_id,
+                                   multiple))
 
 
 def join_job(config: Config) -> Topology:
