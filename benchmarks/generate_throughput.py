@@ -69,7 +69,8 @@ def run_hf(model: GPT2LMHeadModel, prompts: torch.Tensor, new_tokens: int, args
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              pad_token_id=0, eos_token_id=None, **sampling)
-    return out[:, prompts.shape[1]:].tolist()
+    start = 1 if model.config.is_encoder_decoder else prompts.shape[1]  # T5: the start token
+    return out[:, start:].tolist()
 
 
 def timed(fn, *args) -> tuple[float, list[list[int]]]:
@@ -89,7 +90,8 @@ def measure(name: str, fn, model, prompts: torch.Tensor, args, results: dict) ->
 
 def bench_batch(batch: int, ours: GPT, hf: GPT2LMHeadModel, args) -> dict:
     generator = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(0, 50257, (batch, args.prompt_len), generator=generator)
+    prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len),
+                            generator=generator)
     engine = Engine(ours, max_batch_size=batch)
     runners = {"megaloom": (run_megaloom, engine), "transformers": (run_hf, hf)}
     for fn, model in runners.values():  # warm-up
@@ -115,8 +117,8 @@ def bench_batch(batch: int, ours: GPT, hf: GPT2LMHeadModel, args) -> dict:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_arguments(doc: str, **defaults) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
@@ -132,11 +134,15 @@ def main() -> None:
                         help="torch CPU threads for both (default: torch's choice); 1 gives "
                              "steadier figures on a busy shared machine")
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.set_defaults(**defaults)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    return args
 
-    ours, hf = build_models(args)
+
+def run_benchmark(ours, hf, args: argparse.Namespace, flavour: str) -> None:
+    """Time every batch size, print the table and write the JSON."""
     machine = {**machine_info(), "transformers": transformers.__version__}
     info = {"machine": machine, "params_m": ours.num_parameters() / 1e6,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
@@ -144,7 +150,7 @@ def main() -> None:
     decoding = (f"sampled (temperature {args.temperature}, top-p {args.top_p})"
                 if args.temperature > 0 else "greedy")
     info["decoding"] = decoding
-    print(f"model: gpt2 flavour, {info['params_m']:.1f}M parameters, prompt {args.prompt_len}, "
+    print(f"model: {flavour}, {info['params_m']:.1f}M parameters, prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, {decoding}, fp32")
     for batch in args.batches:
         report = bench_batch(batch, ours, hf, args)
@@ -158,6 +164,12 @@ def main() -> None:
               f"TTFT {report['ttft_speedup']:.2f}x  same greedy tokens: "
               f"{report.get('same_greedy_tokens', 'n/a (sampled)')}")
     write_json(args.json, info)
+
+
+def main() -> None:
+    args = parse_arguments(__doc__)
+    ours, hf = build_models(args)
+    run_benchmark(ours, hf, args, "gpt2 flavour")
 
 
 if __name__ == "__main__":
