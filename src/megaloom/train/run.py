@@ -139,43 +139,40 @@ def prepare_run(config: Config) -> Prepared:
     return Prepared(source, train_ds, valid_ds, task, task.attach)
 
 
-def prepare_masked_lm(config: Config, source: TensorSource | None) -> Prepared:
-    """BERT pretraining: windows of `seq_len - 3` tokens framed and masked per sample."""
+def cloze_datasets(config: Config, window: int, make: Callable) -> tuple:
+    """Train and valid datasets of the encoder families: token windows of `window` tokens,
+    each split's samples made by `make(windows, tokenizer, seed)` (a seed per split)."""
     from megaloom.data.gpt_dataset import build_gpt_datasets
     from megaloom.data.tokenizer import Tokenizer
+
+    windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
+                                 sample_counts(config))
+    tokenizer = Tokenizer.from_file(config.data.tokenizer)
+    return tuple(None if ds is None else make(ds, tokenizer, config.train.seed * 3 + split)
+                 for split, ds in enumerate(windows[:2]))
+
+
+def prepare_masked_lm(config: Config, source: TensorSource | None) -> Prepared:
+    """BERT pretraining: windows of `seq_len - 3` tokens framed and masked per sample."""
     from megaloom.tasks.mlm import FRAMING_TOKENS, MaskedLMDataset, MaskedLMTask
 
     window = config.model.seq_len - FRAMING_TOKENS
     if window < 2:
         raise ConfigError(f"model.seq_len={config.model.seq_len} is too short for masked-LM "
                           f"samples ([CLS] A [SEP] B [SEP] needs at least {FRAMING_TOKENS + 2})")
-    windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
-                                 sample_counts(config))
-    tokenizer = Tokenizer.from_file(config.data.tokenizer)
-    train_ds, valid_ds = (
-        None if ds is None else MaskedLMDataset(ds, tokenizer, config.task.mlm,
-                                                config.train.seed * 3 + split,
-                                                config.model.binary_head)
-        for split, ds in enumerate(windows[:2]))
+    train_ds, valid_ds = cloze_datasets(config, window, lambda ds, tokenizer, seed: (
+        MaskedLMDataset(ds, tokenizer, config.task.mlm, seed, config.model.binary_head)))
     return Prepared(source, train_ds, valid_ds, MaskedLMTask(config.model.vocab_size))
 
 
 def prepare_span_corruption(config: Config, source: TensorSource | None) -> Prepared:
     """T5 pretraining: windows sized so each corrupted input fills `model.seq_len`."""
-    from megaloom.data.gpt_dataset import build_gpt_datasets
-    from megaloom.data.tokenizer import Tokenizer
     from megaloom.tasks.span import SpanCorruptionDataset, window_length
     from megaloom.tasks.text_to_text import TextToTextTask
 
     window = window_length(config.model.seq_len, config.task.span)
-    windows = build_gpt_datasets(config.data, window - 1, config.train.seed,
-                                 sample_counts(config))
-    tokenizer = Tokenizer.from_file(config.data.tokenizer)
-    train_ds, valid_ds = (
-        None if ds is None else SpanCorruptionDataset(ds, tokenizer, config.task.span,
-                                                      config.train.seed * 3 + split,
-                                                      config.model.seq_len)
-        for split, ds in enumerate(windows[:2]))
+    train_ds, valid_ds = cloze_datasets(config, window, lambda ds, tokenizer, seed: (
+        SpanCorruptionDataset(ds, tokenizer, config.task.span, seed, config.model.seq_len)))
     parallel = config.parallel
     multiple = parallel.tp if parallel.sequence_parallel else 1
     return Prepared(source, train_ds, valid_ds,
