@@ -21,9 +21,12 @@ def checkpoint(tmp_path_factory) -> Path:
     tokenizer = train_bpe([root / "corpus.txt"], vocab_size=300,
                           out_path=root / "tokenizer.json", min_frequency=1,
                           show_progress=False)
-    config = ModelConfig(arch="llama", num_layers=2, hidden_size=64, num_heads=4,
-                         num_kv_heads=2, ffn_hidden_size=128, seq_len=32,
-                         vocab_size=tokenizer.vocab_size, init_std=0.1)
-    torch.manual_seed(0)
-    save_model_files(root / "dense", GPT(config), Config(model=config), root / "tokenizer.json")
+    # "dense-wide": projections wide enough for int4 groups of 128 under tp2
+    for name, hidden, std in (("dense", 64, 0.1), ("dense-wide", 256, 0.05)):
+        config = ModelConfig(arch="llama", num_layers=2, hidden_size=hidden, num_heads=4,
+                             num_kv_heads=2, ffn_hidden_size=2 * hidden, seq_len=32,
+                             vocab_size=tokenizer.vocab_size, init_std=std)
+        torch.manual_seed(0)
+        save_model_files(root / name, GPT(config), Config(model=config),
+                         root / "tokenizer.json")
     return root

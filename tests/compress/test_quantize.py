@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
 from harness import spawn  # noqa: E402
 
 from megaloom.cli import main  # noqa: E402
+from megaloom.compress import w4a8  # noqa: E402
 from megaloom.compress.quantize import (
     Int4Linear,
     Int8Linear,
@@ -60,36 +61,63 @@ def test_int8_kernel_output_is_within_the_activation_step():
     assert layer(x[None]).shape == (1, 5, 96)
 
 
-def test_int4_kernel_computes_the_dequantised_matmul():
+def test_int4_small_groups_run_the_bf16_kernel_on_the_dequantised_matmul():
     w, bias = weights(), torch.randn(96)
     x = torch.randn(2, 3, 128)
     values, scales = quantize_int4(w, 32)
     layer = Int4Linear(pack_nibbles(values), scales, bias, 32)
+    assert layer.kernel_name == "_weight_int4pack_mm_for_cpu"  # 32 is not a whole VNNI block
     x16 = x.to(torch.bfloat16).float()
     reference = x16 @ layer.dequantized().to(torch.bfloat16).float().t() + bias
     scale = (x16.abs() @ layer.dequantized().abs().t()) + 1
     assert ((layer(x) - reference).abs() <= 2e-2 * scale).all()
 
 
-@pytest.fixture(scope="module", params=[["--bits", "8"], ["--bits", "4", "--group-size", "32"]],
-                ids=["int8", "int4"])
-def quantized(checkpoint, request, tmp_path_factory):
+@pytest.mark.skipif(w4a8.missing_cpu_support() is not None,
+                    reason=f"no AVX-512 VNNI: {w4a8.missing_cpu_support()}")
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_int4_vnni_kernel_is_the_int8_activation_matmul(group, rows):
+    w, bias = weights(rows=37, cols=512), torch.randn(37)
+    x = torch.randn(rows, 512) * torch.rand(rows, 1) * 4
+    values, scales = quantize_int4(w, group)
+    layer = Int4Linear(pack_nibbles(values), scales, bias, group)
+    assert layer.kernel_name == "w4a8 VNNI"  # the CPU has VNNI: whole blocks must use it
+    # the same arithmetic in float64: x rounded to int8 steps of its row's range
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    x_int8 = torch.round(x / step).double() * step.double()
+    exact = x_int8 @ layer.dequantized().double().t() + bias.double()
+    got = layer(x)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
+    # and within half an activation step of the float matmul on the dequantised weights
+    bound = step / 2 * layer.dequantized().abs().sum(dim=1) + 1e-4
+    assert ((got - (x @ layer.dequantized().t() + bias)).abs() <= bound).all()
+
+
+@pytest.fixture(scope="module", params=[("dense", ["--bits", "8"]),
+                                        ("dense", ["--bits", "4", "--group-size", "32"]),
+                                        ("dense-wide", ["--bits", "4", "--group-size", "128"])],
+                ids=["int8", "int4-g32", "int4-g128"])
+def quantized(checkpoint, request, tmp_path_factory) -> tuple[Path, Path]:
+    """(the float checkpoint, its quantised copy)."""
+    source, flags = checkpoint / request.param[0], request.param[1]
     out = tmp_path_factory.mktemp("quantized") / "q"
-    assert main(["quantize", str(checkpoint / "dense"), "--out", str(out), *request.param]) == 0
-    return out
+    assert main(["quantize", str(source), "--out", str(out), *flags]) == 0
+    return source, out
 
 
 def test_quantized_checkpoint_loads_generates_and_evaluates(checkpoint, quantized, tmp_path):
+    source, quantized = quantized
     report = json.loads((quantized / "quantization.json").read_text())
     assert len(report["quantized"]) == 2 * 5  # qkv, proj, gate, up, down in both layers
     model, config, _ = load_model(quantized)
-    dense, _, _ = load_model(checkpoint / "dense")
+    dense, _, _ = load_model(source)
     assert all(not isinstance(getattr(m, "qkv", None), torch.nn.Linear)
                for m in model.modules() if hasattr(m, "qkv"))
     tokens = torch.randint(0, config.model.vocab_size, (2, 16),
                            generator=torch.Generator().manual_seed(0))
     spec = QuantSpec.checked(report["bits"], report["group_size"], report["skip"])
-    quantize_model(dense_copy := load_model(checkpoint / "dense")[0], spec)
+    quantize_model(dense_copy := load_model(source)[0], spec)
     with torch.no_grad():
         logits, want, fresh = model(tokens), dense(tokens), dense_copy(tokens)
     assert torch.equal(logits, fresh)  # stored and reloaded exactly
@@ -120,29 +148,38 @@ def _tp_logits(rank, world, checkpoint, out_file):
         torch.save(logits, out_file)
 
 
+def quantizes_activations(model) -> bool:
+    return any(isinstance(m, Int8Linear) or getattr(m, "kernel_name", None) == "w4a8 VNNI"
+               for m in model.modules())
+
+
 TOKENS = torch.arange(24).reshape(2, 12) * 7 % 250
 
 
-def test_tensor_parallel_ranks_read_their_quantized_shards(checkpoint, quantized, tmp_path):
+def test_tensor_parallel_ranks_read_their_quantized_shards(quantized, tmp_path):
+    source, quantized = quantized
     spawn(_tp_logits, 2, str(quantized), str(tmp_path / "logits.pt"))
     got = torch.load(tmp_path / "logits.pt")
     with torch.no_grad():
-        one_process = load_model(quantized)[0](TOKENS)
-        dense = load_model(checkpoint / "dense")[0](TOKENS)
+        one_process_model = load_model(quantized)[0]
+        one_process = one_process_model(TOKENS)
+        dense = load_model(source)[0](TOKENS)
 
     def error(logits):
         return ((logits - dense).norm() / dense.norm()).item()
 
     # Column-parallel shards compute exactly one process's rows; row-parallel shards sum
-    # partial outputs (in bf16 for int4), and int8's kernel quantises each rank's activation
-    # slice from that slice's own range, so tp int8 is a different, equally close
-    # quantisation (its activation rounding, most of int8's error here, is redrawn).
-    if json.loads((quantized / "quantization.json").read_text())["bits"] == 4:
+    # partial outputs (in bf16 for the bf16 int4 kernel), and the kernels that quantise
+    # activations (int8's, int4's VNNI one) quantise each rank's activation slice from that
+    # slice's own range, so their tp result is a different, equally close quantisation (its
+    # activation rounding, most of the error here, is redrawn).
+    if not quantizes_activations(one_process_model):
         torch.testing.assert_close(got, one_process, rtol=0, atol=2e-2 * dense.abs().max())
     assert error(got) < 1.3 * error(one_process), (error(got), error(one_process))
 
 
 def test_float_uses_of_a_quantized_checkpoint_are_refused(quantized, tmp_path, capfd):
+    _, quantized = quantized
     capfd.readouterr()
     assert main(["convert", "megaloom-to-hf", str(quantized), str(tmp_path / "hf")]) == 2
     assert "quantised checkpoint" in capfd.readouterr().err

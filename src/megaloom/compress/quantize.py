@@ -8,7 +8,10 @@ int4 per group, symmetric, each run by a real low-precision PyTorch kernel.
   and torchao's int8 weight-only layouts run slower than fp32 there, fbgemm several times
   faster, so int8 uses fbgemm.
 - **int4**: weights `round(W / s) + 8` in [0, 15] with `s = max|W_group| / 7` per group of
-  `group_size` inputs, run by `_weight_int4pack_mm_for_cpu` (bf16 activations).
+  `group_size` inputs, run by megaloom's own AVX-512 VNNI kernel (`megaloom.compress.w4a8`:
+  half of int8's weight bytes, activations quantised to int8 per call like fbgemm's), or by
+  `_weight_int4pack_mm_for_cpu` (bf16 activations) on CPUs without VNNI and for groups
+  smaller than 128; the log names the kernel that runs.
 
 The stored form is the kernel-independent one: `NAME.qweight` (int8, or uint8 holding two
 4-bit values per byte) and `NAME.scales` (float32) beside the unquantised tensors in an
@@ -18,6 +21,8 @@ are built at load time. Embeddings, norms, biases and the output head stay in fl
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +31,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from megaloom.compress import w4a8
 from megaloom.config import PROJECTIONS
 from megaloom.errors import CheckpointError, MegaloomError
 
+log = logging.getLogger(__name__)
+
 QUANT_FILE = "quantization.json"
 SCHEMES = {8: "int8 per output channel, fbgemm dynamic linear",
-           4: "int4 per group, _weight_int4pack_mm_for_cpu"}
+           4: "int4 per group, int4 x int8 VNNI kernel (or _weight_int4pack_mm_for_cpu)"}
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,30 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scales[:, None]
 
 
+def vnni_int4_matmul(values: torch.Tensor, scales: torch.Tensor, group_size: int):
+    """`x -> x @ ((values - 8) * scales)^T` (float32) through the int4 x int8 VNNI kernel, or
+    None where it cannot run (no VNNI, or groups that are not whole 128-input blocks)."""
+    kernel = w4a8.linear() if group_size % w4a8.BLOCK == 0 else None
+    if kernel is None:
+        return None
+    packed, kernel_scales = w4a8.pack_blocks(values), scales.float().contiguous()
+    return lambda x: kernel(x.float().contiguous(), packed, kernel_scales, group_size)
+
+
+def bf16_int4_matmul(values: torch.Tensor, scales: torch.Tensor, group_size: int):
+    """The same product through `_weight_int4pack_mm_for_cpu` with bf16 activations."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+    # the kernel computes (q - 8) * scale + zero per group; zero = 0 (symmetric)
+    scales_zeros = torch.stack([scales.t(), torch.zeros_like(scales.t())],
+                               dim=-1).to(torch.bfloat16).contiguous()
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed,
+                                                       group_size, scales_zeros)
+
+
 class Int4Linear(nn.Module):
-    """`x @ ((q - 8) * s)^T + b` through `_weight_int4pack_mm_for_cpu` in bf16."""
+    """`x @ ((q - 8) * s)^T + b`: through the int4 x int8 VNNI kernel
+    (`megaloom.compress.w4a8`) where the CPU has it and the groups are whole 128-input
+    blocks, else through `_weight_int4pack_mm_for_cpu` in bf16 (`kernel_name` says which)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  group_size: int):
@@ -123,17 +153,17 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.float())
-        values = unpack_nibbles(qweight).to(torch.int32)
-        self._packed = torch._convert_weight_to_int4pack_for_cpu(values, 1)
-        # the kernel computes (q - 8) * scale + zero per group; zero = 0 (symmetric)
-        self._scales_zeros = torch.stack(
-            [scales.t(), torch.zeros_like(scales.t())], dim=-1).to(torch.bfloat16).contiguous()
+        values = unpack_nibbles(qweight)
+        self._matmul = vnni_int4_matmul(values, scales, group_size)
+        self.kernel_name = "w4a8 VNNI" if self._matmul is not None else "_weight_int4pack_mm_for_cpu"
+        if self._matmul is None:
+            if group_size % w4a8.BLOCK:
+                _note_small_groups(group_size)
+            self._matmul = bf16_int4_matmul(values, scales, group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int4pack_mm_for_cpu(flat, self._packed, self.group_size,
-                                                self._scales_zeros).view(*shape[:-1], -1)
+        out = self._matmul(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype)
@@ -142,6 +172,12 @@ class Int4Linear(nn.Module):
         values = unpack_nibbles(self.qweight).float() - 8
         groups = values.view(self.out_features, -1, self.group_size)
         return (groups * self.scales[..., None]).view(self.out_features, self.in_features)
+
+
+@functools.cache
+def _note_small_groups(group_size: int) -> None:
+    log.info("int4 groups of %d inputs are not whole %d-input blocks of the VNNI kernel: "
+             "those layers run _weight_int4pack_mm_for_cpu", group_size, w4a8.BLOCK)
 
 
 def projections(model: nn.Module, spec: QuantSpec) -> Iterator[tuple[str, nn.Module, str]]:
