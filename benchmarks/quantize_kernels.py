@@ -1,7 +1,8 @@
 """The low-precision linear kernels `megaloom quantize` could use, timed against fp32 and
 bf16 `nn.Linear` in the same run: fbgemm's dynamic int8 linear (what `--bits 8` uses),
-`torch._weight_int8pack_mm` (int8 weight-only), and `_weight_int4pack_mm_for_cpu` (what
-`--bits 4` uses), at decode (batch 1, 8) and prefill (512 rows) sizes of a few projection
+`torch._weight_int8pack_mm` (int8 weight-only), `_weight_int4pack_mm_for_cpu` (bf16
+activations) and megaloom's int4 x int8 VNNI kernel (what `--bits 4` uses where the CPU has
+VNNI), at decode (batch 1, 8) and prefill (512 rows) sizes of a few projection
 shapes. Microseconds per call, best of `--repeats` timings of `--calls` calls.
 
     python -m benchmarks.quantize_kernels [--json out.json]
@@ -16,11 +17,11 @@ import torch
 
 from benchmarks.common import machine_info, write_json
 from megaloom.compress.quantize import (
-    Int4Linear,
     Int8Linear,
-    pack_nibbles,
+    bf16_int4_matmul,
     quantize_int4,
     quantize_int8,
+    vnni_int4_matmul,
 )
 
 SHAPES = [(1024, 1024), (4096, 1024), (1024, 4096), (768, 256), (256, 1024)]
@@ -49,8 +50,10 @@ def kernels(out_features: int, in_features: int) -> dict:
                  lambda x: torch._weight_int8pack_mm(x, q8, s8)}
     if in_features % 128 == 0:
         values, scales = quantize_int4(linear.weight, 128)
-        found["int4 g128 (_weight_int4pack_mm_for_cpu)"] = Int4Linear(pack_nibbles(values),
-                                                                      scales, None, 128)
+        found["int4 g128 (_weight_int4pack_mm_for_cpu)"] = bf16_int4_matmul(values, scales, 128)
+        vnni = vnni_int4_matmul(values, scales, 128)
+        if vnni is not None:
+            found["int4 g128 (megaloom w4a8 VNNI)"] = vnni
     return found
 
 

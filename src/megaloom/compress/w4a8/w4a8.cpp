@@ -24,13 +24,13 @@ constexpr int kRowTile = 4;      // activation rows that share each unpacked wei
 struct Activations {
   std::vector<int8_t> values;       // rows x k
   std::vector<float> scales;        // one per row
-  std::vector<float> group_sums;    // rows x (k / group): sum of each group's int8 values
+  std::vector<int32_t> offsets;     // rows x (k / group): -8 x the sum of each group's values
 };
 
 Activations quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group) {
   const int64_t groups = k / group;
   Activations a{std::vector<int8_t>(rows * k), std::vector<float>(rows),
-                std::vector<float>(rows * groups)};
+                std::vector<int32_t>(rows * groups)};
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * k;
     float amax = 0.f;
@@ -45,7 +45,7 @@ Activations quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group
         out[i] = static_cast<int8_t>(v);
         sum += v;
       }
-      a.group_sums[m * groups + g] = static_cast<float>(sum);
+      a.offsets[m * groups + g] = -8 * sum;
     }
   }
   return a;
@@ -78,15 +78,16 @@ void output_tile(const Activations& a, int64_t m0, const uint8_t* weights, const
         }
       }
       const __m512 scale = _mm512_set1_ps(row_scales[g]);
-      for (int m = 0; m < M; ++m)
-        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), scale, total[m]);
+      for (int m = 0; m < M; ++m) {
+        // lane 0 takes the group's offset: the lanes' sum is then sum(q * x) over the group
+        const __m512i offset = _mm512_zextsi128_si512(
+            _mm_cvtsi32_si128(a.offsets[(m0 + m) * groups + g]));
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m], offset)), scale,
+                                   total[m]);
+      }
     }
-    for (int m = 0; m < M; ++m) {
-      const float* sums = a.group_sums.data() + (m0 + m) * groups;
-      float offset = 0.f;
-      for (int64_t g = 0; g < groups; ++g) offset += row_scales[g] * sums[g];
-      y[(m0 + m) * n_out + n] = a.scales[m0 + m] * (_mm512_reduce_add_ps(total[m]) - 8.f * offset);
-    }
+    for (int m = 0; m < M; ++m)
+      y[(m0 + m) * n_out + n] = a.scales[m0 + m] * _mm512_reduce_add_ps(total[m]);
   }
 }
 
