@@ -170,6 +170,8 @@ def main() -> None:
         report = {}
         if method == "quantize":
             quantize_model(model, QuantSpec.checked(pattern, None, []))
+            kernels = {m.kernel_name for m in model.modules() if isinstance(m, Int4Linear)}
+            name += f" ({', '.join(sorted(kernels))})" if kernels else ""
         elif method:
             report = prune_model(model, method, None if pattern != "unstructured" else 0.5,
                                  Pattern.parse(pattern), list(PROJECTIONS),

@@ -53,7 +53,7 @@ def kernels(out_features: int, in_features: int) -> dict:
         found["int4 g128 (_weight_int4pack_mm_for_cpu)"] = bf16_int4_matmul(values, scales, 128)
         vnni = vnni_int4_matmul(values, scales, 128)
         if vnni is not None:
-            found["int4 g128 (megaloom w4a8 VNNI)"] = vnni
+            found["int4 g128 (megaloom: VNNI, bf16 GEMM from 128 rows)"] = vnni
     return found
 
 

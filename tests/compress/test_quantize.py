@@ -94,6 +94,19 @@ def test_int4_vnni_kernel_is_the_int8_activation_matmul(group, rows):
     assert ((got - (x @ layer.dequantized().t() + bias)).abs() <= bound).all()
 
 
+@pytest.mark.skipif(w4a8.missing_cpu_support() is not None,
+                    reason=f"no AVX-512 VNNI: {w4a8.missing_cpu_support()}")
+def test_int4_prompts_run_a_bf16_gemm_on_the_exactly_dequantised_weights():
+    w, bias = weights(rows=37, cols=256), torch.randn(37)
+    values, scales = quantize_int4(w, 128)
+    layer = Int4Linear(pack_nibbles(values), scales, bias, 128)
+    weight = w4a8.extension().dequantize_bf16(w4a8.pack_blocks(values), scales, 128)
+    assert torch.equal(weight, layer.dequantized().to(torch.bfloat16))
+    x = torch.randn(1, w4a8.GEMM_ROWS, 256)
+    reference = (x.to(torch.bfloat16) @ weight.t()).float() + bias
+    torch.testing.assert_close(layer(x), reference, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module", params=[("dense", ["--bits", "8"]),
                                         ("dense", ["--bits", "4", "--group-size", "32"]),
                                         ("dense-wide", ["--bits", "4", "--group-size", "128"])],

@@ -121,13 +121,22 @@ class Int8Linear(nn.Module):
 
 
 def vnni_int4_matmul(values: torch.Tensor, scales: torch.Tensor, group_size: int):
-    """`x -> x @ ((values - 8) * scales)^T` (float32) through the int4 x int8 VNNI kernel, or
-    None where it cannot run (no VNNI, or groups that are not whole 128-input blocks)."""
-    kernel = w4a8.linear() if group_size % w4a8.BLOCK == 0 else None
-    if kernel is None:
+    """`x -> x @ ((values - 8) * scales)^T` (float32) through the int4 x int8 VNNI kernel (a
+    bf16 GEMM on weights dequantised per call from `w4a8.GEMM_ROWS` rows on), or None where
+    it cannot run (no VNNI, or groups that are not whole 128-input blocks)."""
+    kernels = w4a8.extension() if group_size % w4a8.BLOCK == 0 else None
+    if kernels is None:
         return None
     packed, kernel_scales = w4a8.pack_blocks(values), scales.float().contiguous()
-    return lambda x: kernel(x.float().contiguous(), packed, kernel_scales, group_size)
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < w4a8.GEMM_ROWS:
+            return kernels.linear(x.float().contiguous(), packed, kernel_scales, group_size)
+        _note_prompt_gemm()
+        weight = kernels.dequantize_bf16(packed, kernel_scales, group_size)
+        return (x.to(torch.bfloat16) @ weight.t()).float()
+
+    return matmul
 
 
 def bf16_int4_matmul(values: torch.Tensor, scales: torch.Tensor, group_size: int):
@@ -155,11 +164,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         values = unpack_nibbles(qweight)
         self._matmul = vnni_int4_matmul(values, scales, group_size)
-        self.kernel_name = "w4a8 VNNI" if self._matmul is not None else "_weight_int4pack_mm_for_cpu"
+        self.kernel_name = "w4a8 VNNI"
         if self._matmul is None:
             if group_size % w4a8.BLOCK:
                 _note_small_groups(group_size)
             self._matmul = bf16_int4_matmul(values, scales, group_size)
+            self.kernel_name = "_weight_int4pack_mm_for_cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -172,6 +182,12 @@ class Int4Linear(nn.Module):
         values = unpack_nibbles(self.qweight).float() - 8
         groups = values.view(self.out_features, -1, self.group_size)
         return (groups * self.scales[..., None]).view(self.out_features, self.in_features)
+
+
+@functools.cache
+def _note_prompt_gemm() -> None:
+    log.info("int4 layers: inputs of %d rows or more (prompts) run a bf16 GEMM on weights "
+             "dequantised per call, faster there than the int8 dot products", w4a8.GEMM_ROWS)
 
 
 @functools.cache

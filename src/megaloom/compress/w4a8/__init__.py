@@ -8,8 +8,13 @@ to bf16 and runs 2-3x slower than fbgemm's int8 at batch 1, `_dyn_quant_matmul_4
 reference loop off ARM, and torchao's PyPI wheel carries no x86 CPU kernels. This one reads
 half of int8's weight bytes and does its arithmetic in VNNI int8 dot products.
 
-`linear()` is None where the CPU lacks the instructions or the build fails; callers then use
-`_weight_int4pack_mm_for_cpu` and the log says which kernel runs and why.
+From `GEMM_ROWS` input rows on (prompts, not decode steps) a bf16 GEMM on weights
+dequantised per call (`dequantize_bf16`, in the same extension) beats the int8 dot products:
+measured crossover between 64 and 128 rows on this project's CPU at every projection shape of
+`benchmarks/quantize_kernels.py`.
+
+`extension()` is None where the CPU lacks the instructions or the build fails; callers then
+use `_weight_int4pack_mm_for_cpu` and the log says which kernel runs and why.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ from __future__ import annotations
 import functools
 import logging
 import platform
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("w4a8.cpp")
 BLOCK = 128  # inputs per packed 64-byte block; groups must be whole blocks
+GEMM_ROWS = 128  # from this many input rows on, dequantise to bf16 and run a GEMM
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"]
 
@@ -44,8 +50,9 @@ def missing_cpu_support() -> str | None:
 
 
 @functools.cache
-def linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
-    """The compiled `linear(x, packed, scales, group)`, or None (the reason is logged)."""
+def extension() -> ModuleType | None:
+    """The compiled module (`linear(x, packed, scales, group)`,
+    `dequantize_bf16(packed, scales, group)`), or None (the reason is logged)."""
     reason = missing_cpu_support()
     if reason is None:
         from torch.utils import cpp_extension
@@ -53,7 +60,7 @@ def linear() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.
         log.info("loading the int4 x int8 VNNI kernel (compiled once, about 30 s)")
         try:
             return cpp_extension.load("megaloom_w4a8", [str(SOURCE)],
-                                      extra_cflags=COMPILE_FLAGS).linear
+                                      extra_cflags=COMPILE_FLAGS)
         except (OSError, RuntimeError, ImportError) as exc:
             reason = f"its build failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
     log.warning("int4 layers run _weight_int4pack_mm_for_cpu (bf16 activations), not the "

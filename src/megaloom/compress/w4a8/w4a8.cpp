@@ -24,13 +24,13 @@ constexpr int kRowTile = 4;      // activation rows that share each unpacked wei
 struct Activations {
   std::vector<int8_t> values;       // rows x k
   std::vector<float> scales;        // one per row
-  std::vector<int32_t> offsets;     // rows x (k / group): -8 x the sum of each group's values
+  std::vector<float> offsets;       // rows x (k / group): -8 x the sum of each group's values
 };
 
 Activations quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group) {
   const int64_t groups = k / group;
   Activations a{std::vector<int8_t>(rows * k), std::vector<float>(rows),
-                std::vector<int32_t>(rows * groups)};
+                std::vector<float>(rows * groups)};
   for (int64_t m = 0; m < rows; ++m) {
     const float* row = x + m * k;
     float amax = 0.f;
@@ -45,7 +45,7 @@ Activations quantize_rows(const float* x, int64_t rows, int64_t k, int64_t group
         out[i] = static_cast<int8_t>(v);
         sum += v;
       }
-      a.offsets[m * groups + g] = -8 * sum;
+      a.offsets[m * groups + g] = static_cast<float>(-8 * sum);
     }
   }
   return a;
@@ -78,13 +78,17 @@ void output_tile(const Activations& a, int64_t m0, const uint8_t* weights, const
         }
       }
       const __m512 scale = _mm512_set1_ps(row_scales[g]);
-      for (int m = 0; m < M; ++m) {
-        // lane 0 takes the group's offset: the lanes' sum is then sum(q * x) over the group
-        const __m512i offset = _mm512_zextsi128_si512(
-            _mm_cvtsi32_si128(a.offsets[(m0 + m) * groups + g]));
-        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[m], offset)), scale,
-                                   total[m]);
-      }
+      for (int m = 0; m < M; ++m)
+        total[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), scale, total[m]);
+    }
+    // the unsigned weights' offset, 16 groups per vector: scale x (-8 x the group's x sum)
+    for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+      const __mmask16 lanes = groups - g0 >= 16 ? 0xFFFF : (1u << (groups - g0)) - 1;
+      const __m512 group_scales = _mm512_maskz_loadu_ps(lanes, row_scales + g0);
+      for (int m = 0; m < M; ++m)
+        total[m] = _mm512_fmadd_ps(
+            group_scales, _mm512_maskz_loadu_ps(lanes, &a.offsets[(m0 + m) * groups + g0]),
+            total[m]);
     }
     for (int m = 0; m < M; ++m)
       y[(m0 + m) * n_out + n] = a.scales[m0 + m] * _mm512_reduce_add_ps(total[m]);
@@ -126,6 +130,37 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed,
   return out;
 }
 
+// The float weights (n, k) in bf16, for prompts long enough that a bf16 GEMM on them beats
+// the int8 dot products (the caller decides and logs it).
+torch::Tensor dequantize_bf16(const torch::Tensor& packed, const torch::Tensor& scales,
+                              int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == torch::kByte && packed.is_contiguous() &&
+              scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+              "packed weights must be contiguous uint8 and scales contiguous float32");
+  const int64_t n_out = packed.size(0), k = packed.size(1) * 2, groups = k / group;
+  TORCH_CHECK(group % kBlock == 0 && scales.size(0) == n_out && scales.size(1) == groups,
+              "weight and scale shapes disagree");
+  auto out = torch::empty({n_out, k}, packed.options().dtype(torch::kBFloat16));
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  at::BFloat16* y = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n_out, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t col = 0; col < k; col += kBlock) {
+        const float scale = s[n * groups + col / group];
+        const uint8_t* bytes = w + n * (k / 2) + col / 2;
+        at::BFloat16* row = y + n * k + col;
+        for (int64_t j = 0; j < kBlock / 2; ++j) {
+          row[j] = static_cast<float>((bytes[j] & 15) - 8) * scale;
+          row[j + kBlock / 2] = static_cast<float>((bytes[j] >> 4) - 8) * scale;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear", &linear, "int4 x int8 linear (AVX-512 VNNI)");
+  module.def("dequantize_bf16", &dequantize_bf16, "int4 weights to bf16");
 }
