@@ -8,7 +8,10 @@ the embedded corpus, fp32, 2 steps and one checkpoint save, a GPT-2-flavoured mo
 rank: model state (weights + gradients + AdamW moments, what `tests/plan/test_rank_memory.py`
 holds equal to the real allocation) and its total with activations (no runtime allowance).
 A rank that holds only its shard peaks near a 1/(tp x pp) share of the model state plus the
-Python/PyTorch runtime, which this table shows next to the single process.
+Python/PyTorch runtime (the `runtime` column: resident bytes once torch and megaloom are
+imported, before any model exists) plus its activations. The last line puts the tp2pp2 ratio
+without activations or allocator slack, runtime + planned state against the same for the
+single process: the floor that no split of the model state can go below.
 
     python -m benchmarks.parallel_memory [--json out.json]
 """
@@ -41,14 +44,25 @@ LAYOUTS = {  # name: (processes, overrides)
 }
 
 
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def worker(report_dir: str, argv: list[str]) -> int:
-    """Run `megaloom train ARGV` in this process, then record its peak RSS."""
+    """Run `megaloom train ARGV` in this process, then record its peak RSS and its RSS once
+    PyTorch and megaloom were imported (the runtime no layout divides)."""
     from megaloom.cli import main
 
+    runtime = resident_bytes()
     code = main(["train", *argv])
     rank = int(os.environ.get("RANK", "0"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    Path(report_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak": peak}))
+    Path(report_dir, f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "peak": peak, "runtime": runtime}))
     return code
 
 
@@ -105,18 +119,25 @@ def main() -> None:
                    for name, (nproc, overrides) in LAYOUTS.items()}
     single = results["1 process"][0]["peak"]
     gib = 1 << 30
-    print(f"{'layout':<36} {'rank':>4} {'peak RSS':>9} {'x single':>8} {'plan state':>10} "
-          f"{'plan total':>10}")
+    print(f"{'layout':<36} {'rank':>4} {'peak RSS':>9} {'x single':>8} {'runtime':>8} "
+          f"{'plan state':>10} {'plan total':>10}")
     for name, ranks in results.items():
         for record in ranks:
             print(f"{name:<36} {record['rank']:>4} {record['peak'] / gib:8.2f}G "
-                  f"{record['peak'] / single:8.2f} {record['plan_state'] / gib:9.2f}G "
+                  f"{record['peak'] / single:8.2f} {record['runtime'] / gib:7.2f}G "
+                  f"{record['plan_state'] / gib:9.2f}G "
                   f"{record['plan_total'] / gib:9.2f}G")
     largest = max(r["peak"] for r in results["tp2pp2"]) / single
     print(f"largest tp2pp2 rank / single process: {largest:.2f} (target <= 0.40)")
+    one = results["1 process"][0]
+    floor = max((r["runtime"] + r["plan_state"]) / (one["runtime"] + one["plan_state"])
+                for r in results["tp2pp2"])
+    print(f"the same ratio with no activations or allocator slack (runtime at import + "
+          f"planned model state): {floor:.2f}")
     info = machine_info()
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
-    write_json(args.json, {"machine": info, "layouts": results, "tp2pp2_ratio": largest})
+    write_json(args.json, {"machine": info, "layouts": results, "tp2pp2_ratio": largest,
+                           "tp2pp2_floor": floor})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Inputs a new user tried that used to end in a traceback or run anyway: each is now one line
 on stderr and exit status 2, before any model loads or any process starts."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 
 from megaloom.cli import main
@@ -69,3 +73,16 @@ def test_a_full_disk_is_one_line(tmp_path, capfd, monkeypatch):
     lines = [line for line in err.splitlines() if ": error: " in line]
     assert len(lines) == 1 and "error: disk full: [Errno 28] No space left on device" in lines[0]
     assert "Traceback" not in err
+
+
+def test_an_exit_stuck_after_a_peer_failure_is_cut_with_where_it_hung():
+    """After a peer failure the CLI arms a watchdog: an exit that blocks (as gloo's threads
+    can on a hung peer) ends within the grace period, with the stuck stack on stderr."""
+    script = ("import threading\n"
+              "from megaloom.cli import exit_within\n"
+              "exit_within(1)\n"
+              "threading.Event().wait()  # an exit that never finishes\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 30
+    assert b"Timeout" in done.stderr and b"threading" in done.stderr

@@ -9,6 +9,7 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import pkgutil
@@ -16,7 +17,7 @@ import sys
 
 import megaloom.commands as commands_pkg
 from megaloom import __version__
-from megaloom.errors import USER_ERRORS, describe_failure, is_disk_full
+from megaloom.errors import USER_ERRORS, PeerFailure, describe_failure, is_disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.handler(args) or 0)
     except USER_ERRORS as exc:
         print(f"megaloom {args.command}: error: {exc}", file=sys.stderr)
+        if isinstance(exc, PeerFailure):
+            exit_within(PEER_FAILURE_EXIT_S)
         return 2
     except KeyboardInterrupt:
         print(f"megaloom {args.command}: interrupted", file=sys.stderr)
@@ -73,3 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
         leave_distributed()
     return code
+
+
+
+PEER_FAILURE_EXIT_S = 10  # how long the exit after a peer failure may take before it is cut
+
+
+def exit_within(seconds: float) -> None:
+    """Make sure this process ends within `seconds`: after a peer hung, gloo's threads can
+    stay blocked on it and Python's exit would wait for them forever, so a C-level watchdog
+    (faulthandler's) prints where the exit is stuck and ends the process with status 1.
+    A normal exit that finishes sooner keeps its own status, so torchrun still reports the
+    rank that failed first."""
+    faulthandler.dump_traceback_later(seconds, exit=True)

@@ -19,6 +19,11 @@ class CheckpointError(MegaloomError):
     """A missing, incomplete or corrupted checkpoint."""
 
 
+class PeerFailure(MegaloomError):
+    """A collective failed in a multi-process run: a peer died, or hung longer than
+    `parallel.timeout_s`. The CLI leaves the process at once after reporting it."""
+
+
 USER_ERRORS: tuple[type[Exception], ...] = (MegaloomError, ConfigError, FileNotFoundError)
 
 

@@ -36,7 +36,7 @@ from megaloom.checkpoint.reader import find_latest, open_checkpoint
 from megaloom.checkpoint.shards import ShardWriter
 from megaloom.compress.gradual import GradualPruner
 from megaloom.config import Config, ConfigError
-from megaloom.errors import CheckpointError, MegaloomError
+from megaloom.errors import CheckpointError, MegaloomError, PeerFailure
 from megaloom.model.gpt import GPT
 from megaloom.parallel.build import (
     InitSource,
@@ -440,7 +440,7 @@ class Trainer:
                 last_saved = self.save()
         except RuntimeError as exc:
             if self.topo.world_size > 1 and is_collective_failure(exc):
-                raise MegaloomError(describe_collective_failure(
+                raise PeerFailure(describe_collective_failure(
                     exc, self.topo, self.config.parallel.timeout_s)) from exc
             raise
         finally:
