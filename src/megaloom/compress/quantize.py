@@ -1,5 +1,5 @@
 """Weight quantisation for CPU inference (`megaloom quantize`): int8 per output channel and
-int4 per group, symmetric, each run by a real low-precision PyTorch kernel.
+int4 per group, symmetric, each run by a real low-precision CPU kernel.
 
 - **int8**: weights `round(W / s)` with `s = max|W_row| / 127`, run by fbgemm's dynamic
   quantised linear (`quantized::linear_dynamic`: int8 weights, activations quantised to
