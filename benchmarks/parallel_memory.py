@@ -44,12 +44,9 @@ LAYOUTS = {  # name: (processes, overrides)
 }
 
 
-def resident_bytes() -> int:
-    """This process's resident set size now (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (getrusage counts KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(report_dir: str, argv: list[str]) -> int:
@@ -57,10 +54,10 @@ def worker(report_dir: str, argv: list[str]) -> int:
     PyTorch and megaloom were imported (the runtime no layout divides)."""
     from megaloom.cli import main
 
-    runtime = resident_bytes()
+    runtime = peak_rss()  # nothing has been freed yet: the peak so far is the RSS now
     code = main(["train", *argv])
     rank = int(os.environ.get("RANK", "0"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss()
     Path(report_dir, f"rank{rank}.json").write_text(
         json.dumps({"rank": rank, "peak": peak, "runtime": runtime}))
     return code

@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-
 PEER_FAILURE_EXIT_S = 10  # how long the exit after a peer failure may take before it is cut
 
 
