@@ -14,7 +14,7 @@ from megaloom.commands.generate import read_prompts
 from megaloom.data.tokenizer import Tokenizer
 from megaloom.errors import DataError, MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
-from megaloom.infer.sinks import GENERATIONS
+from megaloom.infer.database import GENERATIONS
 from megaloom.loading import load_model
 
 

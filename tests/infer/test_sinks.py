@@ -16,7 +16,8 @@ import sqlalchemy as sa
 
 from megaloom.errors import MegaloomError
 from megaloom.infer import Engine, Request, SamplingParams
-from megaloom.infer.sinks import GENERATIONS, DatabaseSink, JsonlSink, records_from
+from megaloom.infer.database import GENERATIONS, DatabaseSink
+from megaloom.infer.sinks import JsonlSink, records_from
 
 POSTGRES_ENV = "MEGALOOM_TEST_POSTGRES_URL"
 

@@ -7,7 +7,7 @@ from megaloom.config import ModelConfig, TrainConfig
 from megaloom.model import GPT
 from megaloom.parallel.data_parallel import ParallelOptimizer
 from megaloom.parallel.topology import Topology
-from megaloom.train.optim import parameter_groups
+from megaloom.train.optim import FusedAdamW, parameter_groups
 from megaloom.train.precision import DynamicLossScaler
 from megaloom.train.schedule import learning_rate
 
@@ -75,3 +75,43 @@ def test_loss_scaler_backoff_hysteresis_and_growth():
     other = DynamicLossScaler()
     other.load_state_dict(state)
     assert other.state_dict() == state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adamw_equals_torch_adamw_bit_for_bit(dtype):
+    """Three updates with changing gradients, per-group decay and a new lr each step: the same
+    parameters and moments as `torch.optim.AdamW(fused=True)`, exactly."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (3, 4, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(params):
+        return [{"params": params[:2], "weight_decay": 0.1},
+                {"params": params[2:], "weight_decay": 0.0}]
+
+    fused = FusedAdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    torch_adamw = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                    fused=True)
+    for step in range(3):
+        for p, q in zip(ours, ref, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for optimizer in (fused, torch_adamw):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-2 / (step + 1)
+            optimizer.step()
+    for p, q in zip(ours, ref, strict=True):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(fused.state[p][key], torch_adamw.state[q][key])
+
+
+def test_fused_adamw_skips_parameters_without_gradients():
+    frozen, trained = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = FusedAdamW([{"params": [frozen, trained], "weight_decay": 0.0}], lr=0.1,
+                           betas=(0.9, 0.999), eps=1e-8)
+    trained.grad = torch.ones(3)
+    optimizer.step()
+    assert torch.equal(frozen, torch.ones(3)) and optimizer.state[frozen]["step"] == 0
+    assert torch.allclose(trained, torch.full((3,), 0.9)) and optimizer.state[trained]["step"] == 1

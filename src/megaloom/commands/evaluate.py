@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from megaloom.commands.generate import add_sampling_arguments, open_sinks
-from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink
+from megaloom.infer.sinks import DEFAULT_DB_URL
 from megaloom.utils.launch import Launch, relaunch_under_torchrun, under_torchrun
 
 NAME = "evaluate"
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
             print(f"report: {args.json}")
         for sink in sinks:
-            if isinstance(sink, DatabaseSink):
+            if hasattr(sink, "write_evaluation"):  # a database keeps the report too
                 sink.write_evaluation(args.model, args.task, report)
         if args.task == "classify":
             path = confusion_path(args)

@@ -47,6 +47,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from megaloom.config import load_config
     from megaloom.finetune.report import write_report
     from megaloom.finetune.run import FinetunePreparation
+    from megaloom.train.metrics import plot_run
     from megaloom.train.run import build_trainer
 
     overrides = [*DEFAULTS, f"task.name={args.task}", *args.overrides,
@@ -57,8 +58,11 @@ def _finetune(args: argparse.Namespace) -> int:
     result = trainer.run()
     report = None if result.interrupted else write_report(trainer, preparation.valid,
                                                           result.checkpoint)
-    if not trainer.is_main:
+    is_main = trainer.is_main
+    del trainer  # the plot reuses the model's memory rather than adding to the peak
+    if not is_main:
         return 130 if result.interrupted else 0
+    plot_run(args.out)
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.4f} at step {result.step}")
     if report is not None:

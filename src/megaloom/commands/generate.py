@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from megaloom.errors import DataError, MegaloomError
-from megaloom.infer.sinks import DEFAULT_DB_URL, DatabaseSink, JsonlSink, records_from
+from megaloom.infer.sinks import DEFAULT_DB_URL, JsonlSink, records_from
 from megaloom.utils.launch import Launch, relaunch_under_torchrun, under_torchrun
 
 if TYPE_CHECKING:
@@ -153,6 +153,8 @@ def open_sinks(args: argparse.Namespace) -> list:
         if args.output:
             sinks.append(JsonlSink(args.output))
         if args.db:
+            from megaloom.infer.database import DatabaseSink
+
             sinks.append(DatabaseSink(args.db))
     except MegaloomError:
         for sink in sinks:

@@ -55,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, config: Config) -> int:
     from megaloom.model.registry import family_of
+    from megaloom.train.metrics import plot_run
     from megaloom.train.run import build_trainer
 
     trainer = build_trainer(config, resume=not args.no_resume)
-    result = trainer.run()
-    if not trainer.is_main:
+    result, is_main = trainer.run(), trainer.is_main
+    del trainer  # the plot reuses the model's memory rather than adding to the peak
+    if not is_main:
         return 130 if result.interrupted else 0
+    plot_run(config.train.out_dir)
     if result.val_loss is not None:
         print(f"validation loss {result.val_loss:.4f} (perplexity "
               f"{min(2.718281828 ** result.val_loss, 1e12):.2f}) at step {result.step}")

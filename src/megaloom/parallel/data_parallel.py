@@ -15,8 +15,9 @@
    parameter once and a tied embedding once, scaling by max_norm / (norm + 1e-6) like
    `torch.nn.utils.clip_grad_norm_`. Every rank gets the same value, so an fp16
    overflow (a non-finite norm) is agreed by all ranks.
-3. `step()`: AdamW on local parameters, or on the local shard followed by an all-gather of
-   the updated parameters (ZeRO-1). Weight decay groups follow `train.optim.parameter_groups`.
+3. `step()`: AdamW (`train.optim.FusedAdamW`) on local parameters, or on the local shard
+   followed by an all-gather of the updated parameters (ZeRO-1). Weight decay groups follow
+   `train.optim.parameter_groups`.
 
 Optimizer state is saved as boxes of the plain model's tensors (`write_state` / `read_state`,
 one `exp_avg/NAME` and `exp_avg_sq/NAME` per parameter), so every rank writes only what it
@@ -36,6 +37,7 @@ from megaloom.config import TrainConfig
 from megaloom.model.init import box_shape
 from megaloom.parallel.layers import shard_box
 from megaloom.parallel.topology import Axis, Topology
+from megaloom.train.optim import FusedAdamW
 from megaloom.train.optim import parameter_groups as plain_parameter_groups
 
 BUCKET_ELEMENTS = 1 << 23
@@ -202,9 +204,11 @@ class ParallelOptimizer:
                         if topo.dp > 1 and not distributed else None)
         if distributed:
             groups = [{**g, "params": [s.shard]} for g, s in zip(groups, self.shards, strict=True)]
-        self.optimizer = torch.optim.AdamW(  # PyTorch's fused kernel: one pass per step
-            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps, fused=True)
+        elif not self.buckets:  # gradients, like the moments, exist before the first step
+            for param in self.params:
+                param.grad = torch.zeros_like(param)
+        self.optimizer = FusedAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                    eps=cfg.adam_eps)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -278,9 +282,7 @@ class ParallelOptimizer:
 
     def adam_steps(self) -> int | None:
         """AdamW's step count (the same for every tensor), None before the first step."""
-        for state in self.optimizer.state.values():
-            return int(state["step"].item())
-        return None
+        return self.optimizer.steps() or None
 
     def _pieces(self):
         """(key suffix name, param, flat start, flat stop, state owner, offset in owner) of each
@@ -331,29 +333,19 @@ class ParallelOptimizer:
         """Load the AdamW moments of this rank's part from a checkpoint written under any
         layout (`write_state`); `adam_steps` None means the checkpoint has none."""
         if adam_steps is None:
-            self.optimizer.state.clear()
+            self.optimizer.reset()
             return
-        values: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer.reset()
         for name, param, lo, hi, owner, at in self._pieces():
             full_shape, valid = shard_box(param, self.topo.tp_axis)
-            if id(owner) not in values:
-                values[id(owner)] = {k: torch.zeros_like(owner) for k in STATE_KEYS}
+            state = self.optimizer.state[owner]
             for key in STATE_KEYS:
                 local = torch.zeros(param.shape, dtype=owner.dtype, device=owner.device)
                 part = store.read(f"{key}/{name}", valid)
                 local[tuple(slice(0, n) for n in part.shape)] = part
-                values[id(owner)][key].view(-1)[at:at + hi - lo] = local.view(-1)[lo:hi]
-        local_state: dict = {"state": {}, "param_groups": []}
-        index = 0
-        for group in self.optimizer.param_groups:
-            ids = []
-            for param in group["params"]:
-                local_state["state"][index] = {"step": torch.tensor(float(adam_steps)),
-                                               **values[id(param)]}
-                ids.append(index)
-                index += 1
-            local_state["param_groups"].append({**group, "params": ids})
-        self.optimizer.load_state_dict(local_state)
+                state[key].view(-1)[at:at + hi - lo] = local.view(-1)[lo:hi]
+        for state in self.optimizer.state.values():
+            state["step"].fill_(float(adam_steps))
 
 
 def _to_global(box, piece: torch.Tensor, param: nn.Parameter, valid):

@@ -238,9 +238,9 @@ def leave_distributed() -> None:
 
 def is_collective_failure(exc: BaseException) -> bool:
     """Whether `exc` is a collective that failed: a peer died or did not answer in time."""
-    text = str(exc)
+    text = str(exc).lower()
     return isinstance(exc, dist.DistError) or any(
-        marker in text for marker in ("gloo", "NCCL", "Timed out", "Connection closed"))
+        marker in text for marker in ("gloo", "nccl", "timed out", "connection closed"))
 
 
 def describe_collective_failure(exc: BaseException, topo: Topology, timeout_s: float) -> str:

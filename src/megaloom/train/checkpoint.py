@@ -15,8 +15,11 @@ Layout of a run directory::
 `save_checkpoint` is collective: rank 0 makes `.step_NNNNNNNN.tmp`, every rank writes its own
 shard file there (in parallel; no rank gathers the model) and hashes it, rank 0 writes the side
 files and the manifest, renames the directory into place, moves `latest`, and only then
-prunes checkpoints beyond `keep_last` (never the one `latest` names). A crash or a failed rank
-at any point leaves the last good checkpoint intact; leftover temporaries are removed on the
+prunes checkpoints beyond `keep_last` (never the one `latest` names). Ranks waiting for another
+one's work (rank 0's directory, everyone's shards, rank 0's commit) wait as long as it takes,
+over the patient group; the rank whose work they wait for waits at most `timeout` for them, so a
+peer that hangs during a save fails the run within `parallel.timeout_s` as it would in a step.
+A crash or a failed rank at any point leaves the last good checkpoint intact; leftover temporaries are removed on the
 next save. Shard files are plain safetensors (`megaloom.checkpoint.shards`), so loading never
 unpickles anything; every file is checked against the manifest before it is read, and a
 missing, truncated or altered file is reported by name.
@@ -32,6 +35,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +66,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int,
     group: dist.ProcessGroup | None = None,
+    timeout: timedelta | None = None,
 ) -> Path:
     """Save this rank's part of the state after `step` (collective over `group`, all ranks,
-    when a process group is initialised); return the checkpoint path on every rank.
+    when a process group is initialised); return the checkpoint path on every rank. Rank 0
+    waits at most `timeout` for the others once its own part is done.
 
     `add_chunks(writer)` adds the chunks this rank owns (weights, optimizer moments)."""
     root = Path(out_dir) / "checkpoints"
@@ -80,19 +86,45 @@ def save_checkpoint(
         except OSError as exc:
             mine = f"rank 0: {describe_failure(exc)}"
     if world > 1:
-        dist.barrier(group=group)
+        _wait(dist.barrier(group=group, async_op=True), rank, timeout)
     if not mine:
         mine = _write_own_shard(add_chunks, tmp, rank)
     entries = _gather(mine, world, group)
-    outcome: list = [None]
+    failure = None
     if rank == 0:
-        outcome[0] = _finish_save(root, name, tmp, entries, config, tokenizer_path,
-                                  {"step": step, **trainer_state}, keep_last)
+        outcome = _finish_save(root, name, tmp, entries, config, tokenizer_path,
+                               {"step": step, **trainer_state}, keep_last)
+        failure = None if isinstance(outcome, Path) else outcome
     if world > 1:
-        dist.broadcast_object_list(outcome, src=0, group=group)
-    if not isinstance(outcome[0], Path):
-        raise CheckpointError(f"saving checkpoint {root / name} failed: {outcome[0]}")
-    return outcome[0]
+        failure = _share_failure(failure, rank, group, timeout)
+    if failure is not None:
+        raise CheckpointError(f"saving checkpoint {root / name} failed: {failure}")
+    return root / name
+
+
+FAILURE_BYTES = 4096
+
+
+def _wait(work: dist.Work, rank: int, timeout: timedelta | None) -> None:
+    """Rank 0 (whose work the others waited for) waits at most `timeout`; the rest wait."""
+    if rank == 0 and timeout is not None:
+        work.wait(timeout)
+    else:
+        work.wait()
+
+
+def _share_failure(failure: str | None, rank: int, group: dist.ProcessGroup | None,
+                   timeout: timedelta | None) -> str | None:
+    """Rank 0's failure message (None: the save is committed) on every rank."""
+    message = torch.zeros(FAILURE_BYTES, dtype=torch.uint8)
+    if rank == 0 and failure is not None:
+        data = failure.encode("utf-8")[:FAILURE_BYTES - 1]
+        message[0] = 1
+        message[1:1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    _wait(dist.broadcast(message, src=0, group=group, async_op=True), rank, timeout)
+    if not message[0]:
+        return None
+    return bytes(message[1:].tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
 
 
 def _write_own_shard(add_chunks: Callable[[ShardWriter], None], tmp: Path,

@@ -74,6 +74,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def plot_run(out_dir: str | Path) -> Path | None:
+    """`OUT_DIR/loss.png` from `OUT_DIR/metrics.jsonl`, if the run logged anything."""
+    metrics = Path(out_dir) / "metrics.jsonl"
+    if not metrics.is_file() or not metrics.stat().st_size:
+        return None
+    return plot_loss(metrics, Path(out_dir) / "loss.png")
+
+
 def plot_loss(metrics_path: str | Path, out_png: str | Path) -> Path:
     """Plot training and validation loss against step; later records of a step win (resume)."""
     import matplotlib

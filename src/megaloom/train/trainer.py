@@ -61,7 +61,7 @@ from megaloom.parallel.topology import (
 )
 from megaloom.tasks import LanguageModelTask, Task
 from megaloom.train.checkpoint import restore_rng_state, save_checkpoint, step_dir_name
-from megaloom.train.metrics import MetricsLog, plot_loss, read_metrics
+from megaloom.train.metrics import MetricsLog, read_metrics
 from megaloom.train.mfu import FlopsMeter, progress_rate
 from megaloom.train.precision import DynamicLossScaler, autocast_context
 from megaloom.train.schedule import learning_rate
@@ -187,7 +187,8 @@ class Trainer:
 
         path = save_checkpoint(self.out_dir, self.step, add_chunks, self.config,
                                     self.tokenizer_path, self.trainer_state(),
-                                    self.cfg.keep_last, self.topo.patient_group)
+                                    self.cfg.keep_last, self.topo.patient_group,
+                                    self.topo.world_axis.timeout)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -400,7 +401,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> TrainResult:
-        """Train until `max_steps` (or `exit_at_step`, or a signal); save and plot at the end."""
+        """Train until `max_steps` (or `exit_at_step`, or a signal) and save at the end. The
+        loss plot is the command's job (`metrics.plot_run`), once this trainer's memory is
+        released: matplotlib loaded next to the model would add ~25 MB to the run's peak."""
         cfg = self.cfg
         end = cfg.max_steps if cfg.exit_at_step is None else min(cfg.exit_at_step, cfg.max_steps)
         metrics = MetricsLog(self.out_dir, cfg.tensorboard,
@@ -447,8 +450,6 @@ class Trainer:
             bar.close()
             metrics.close()
             self._restore_signal_handlers(previous)
-        if self.is_main and (self.out_dir / "metrics.jsonl").stat().st_size:
-            plot_loss(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
         interrupted = self._stop_signal is not None
         if interrupted:
             log.warning("stopped by %s at step %d; checkpoint saved to %s",
