@@ -125,12 +125,12 @@ def main() -> None:
                   f"{record['plan_state'] / gib:9.2f}G "
                   f"{record['plan_total'] / gib:9.2f}G")
     largest = max(r["peak"] for r in results["tp2pp2"]) / single
-    print(f"largest tp2pp2 rank / single process: {largest:.2f} (target <= 0.40)")
+    print(f"largest tp2pp2 rank / single process: {largest:.3f} (target <= 0.400)")
     one = results["1 process"][0]
     floor = max((r["runtime"] + r["plan_state"]) / (one["runtime"] + one["plan_state"])
                 for r in results["tp2pp2"])
     print(f"the same ratio with no activations or allocator slack (runtime at import + "
-          f"planned model state): {floor:.2f}")
+          f"planned model state): {floor:.3f}")
     info = machine_info()
     print("machine:", ", ".join(f"{k}={v}" for k, v in info.items()))
     write_json(args.json, {"machine": info, "layouts": results, "tp2pp2_ratio": largest,
