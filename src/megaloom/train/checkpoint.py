@@ -19,10 +19,11 @@ prunes checkpoints beyond `keep_last` (never the one `latest` names). Ranks wait
 one's work (rank 0's directory, everyone's shards, rank 0's commit) wait as long as it takes,
 over the patient group; the rank whose work they wait for waits at most `timeout` for them, so a
 peer that hangs during a save fails the run within `parallel.timeout_s` as it would in a step.
-A crash or a failed rank at any point leaves the last good checkpoint intact; leftover temporaries are removed on the
-next save. Shard files are plain safetensors (`megaloom.checkpoint.shards`), so loading never
-unpickles anything; every file is checked against the manifest before it is read, and a
-missing, truncated or altered file is reported by name.
+A crash or a failed rank at any point leaves the last good checkpoint intact; leftover
+temporaries are removed on the next save. Shard files are plain safetensors
+(`megaloom.checkpoint.shards`), so loading never unpickles anything; every file is checked
+against the manifest before it is read, and a missing, truncated or altered file is reported by
+name.
 
 Weights-only checkpoints (`megaloom.checkpoint.files.save_model_files`, HF import) and
 checkpoints of earlier versions hold `model.safetensors` (+ `optimizer.pt`, read with
