@@ -220,11 +220,11 @@ class ParallelOptimizer:
         the heap."""
         if self.buckets:
             self.buckets.zero()
-            return
-        for shard in self.shards:
-            shard.zero_grad()
-        for param in self.params:
-            if param.grad is not None:
+        elif self.shards:
+            for shard in self.shards:
+                shard.zero_grad()
+        else:
+            for param in self.params:
                 param.grad.zero_()
 
     def start_backward(self, passes: int) -> None:
@@ -239,9 +239,6 @@ class ParallelOptimizer:
             self.buckets.finish()
 
     def reduce_gradients(self) -> None:
-        for param in self.params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
         topo = self.topo
         all_reduce_coalesced([p.grad for p in self.params
                               if getattr(p, "sequence_parallel", False)], topo.tp_axis)
@@ -332,10 +329,9 @@ class ParallelOptimizer:
     def read_state(self, store: TensorStore, adam_steps: int | None) -> None:
         """Load the AdamW moments of this rank's part from a checkpoint written under any
         layout (`write_state`); `adam_steps` None means the checkpoint has none."""
-        if adam_steps is None:
-            self.optimizer.reset()
-            return
         self.optimizer.reset()
+        if adam_steps is None:
+            return
         for name, param, lo, hi, owner, at in self._pieces():
             full_shape, valid = shard_box(param, self.topo.tp_axis)
             state = self.optimizer.state[owner]
