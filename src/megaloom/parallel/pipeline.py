@@ -75,6 +75,20 @@ class _P2P:
         return received.get("prev"), received.get("next")
 
 
+def backward_stage(output: torch.Tensor, grad_output: torch.Tensor | None) -> None:
+    """Backpropagate a stage's `output` (the loss on the last stage, where `grad_output` is
+    None) given the gradient the next stage sent back.
+
+    It backpropagates the scalar `sum(output * grad_output)`, whose gradient with respect to
+    `output` is `grad_output` exactly (sum passes 1, the product multiplies it by
+    `grad_output`), instead of passing `grad_tensors`: PyTorch checks explicit gradients'
+    shapes with `torch.fx`'s symbolic shapes, which imports SymPy (~25 MB on every rank of a
+    pipeline that no layout divides)."""
+    if grad_output is not None:
+        output = torch.sum(output * grad_output)
+    torch.autograd.backward(output)
+
+
 def stage_forward(model: nn.Module, inputs: torch.Tensor, batch: dict[str, torch.Tensor]):
     """One stage's forward of a micro-batch: `inputs` (ids, or the previous stage's hidden
     states) and the arguments the model's family takes from the batch (`stage_inputs`)."""
@@ -143,7 +157,7 @@ def forward_backward(
 
     def backward(grad_output: torch.Tensor | None) -> torch.Tensor | None:
         inputs, output = in_flight.pop(0)
-        torch.autograd.backward(output, grad_tensors=None if last else grad_output)
+        backward_stage(output, None if last else grad_output)
         return None if first else inputs.grad
 
     count = len(micro_batches)

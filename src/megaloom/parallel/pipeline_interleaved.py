@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megaloom.parallel.pipeline import chunk_layers, stage_forward
+from megaloom.parallel.pipeline import backward_stage, chunk_layers, stage_forward
 from megaloom.parallel.topology import Topology
 
 
@@ -140,7 +140,7 @@ def interleaved_forward_backward(
             inputs, output = saved.pop((mb, c))
             grad = (None if chunk_id == chunks - 1
                     else receive(p2p.next, tag(mb, chunk_id, True)))
-            torch.autograd.backward(output, grad_tensors=grad)
+            backward_stage(output, grad)
             if chunk_id != 0:
                 send(inputs.grad, p2p.prev, tag(mb, chunk_id - 1, True))
     p2p.finish()
