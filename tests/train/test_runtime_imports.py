@@ -27,7 +27,8 @@ print(sorted(m for m in ("torch._dynamo", "sympy", "sqlalchemy", "matplotlib") i
 
 def test_a_training_step_and_the_cli_load_no_compiler_database_or_plotting_modules():
     """TorchDynamo/SymPy (~45 MB, pulled in by `torch.optim.Optimizer`; SymPy alone, ~25 MB, by
-    a backward given explicit gradients), SQLAlchemy (~11 MB, only for `--db`) and matplotlib (~25 MB, only once training has ended)."""
+    a backward given explicit gradients), SQLAlchemy (~11 MB, only for `--db`) and matplotlib
+    (~25 MB, only once training has ended)."""
     out = subprocess.run([sys.executable, "-c", STEP_AND_PARSER], capture_output=True,
                          text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"

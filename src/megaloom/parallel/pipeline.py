@@ -81,9 +81,10 @@ def backward_stage(output: torch.Tensor, grad_output: torch.Tensor | None) -> No
 
     It backpropagates the scalar `sum(output * grad_output)`, whose gradient with respect to
     `output` is `grad_output` exactly (sum passes 1, the product multiplies it by
-    `grad_output`), instead of passing `grad_tensors`: PyTorch checks explicit gradients'
-    shapes with `torch.fx`'s symbolic shapes, which imports SymPy (~25 MB on every rank of a
-    pipeline that no layout divides)."""
+    `grad_output`; the scalar's own value is never used, so it may overflow harmlessly),
+    instead of passing `grad_tensors`: PyTorch checks explicit gradients' shapes with
+    `torch.fx`'s symbolic shapes, which imports SymPy (~25 MB on every rank of a pipeline, which
+    no layout divides)."""
     if grad_output is not None:
         output = torch.sum(output * grad_output)
     torch.autograd.backward(output)
